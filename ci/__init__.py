@@ -1,0 +1,1 @@
+"""CI tooling: notebook runner, contract checker, catalogue/README builder, book, benchmark."""
