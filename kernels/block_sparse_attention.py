@@ -312,6 +312,7 @@ def bench_cases(quick: bool = False) -> list[BenchCase]:
 
     B, H, D, bs = 1, 4, 64, 64
     lengths = (512, 2048) if quick else (512, 2048, 4096)
+    with_cuda = torch.cuda.is_available()
     cases = []
     for T in lengths:
         index = infinitehip_like_index(B, H, T, bs)
@@ -321,6 +322,8 @@ def bench_cases(quick: bool = False) -> list[BenchCase]:
             x = {n: torch.randn(B, H, T, D, generator=gen) for n in "qkv"}
             x["index"] = index
             x["dense"] = dense_mask(index, T, T, block_size=bs, causal=True)
+            if with_cuda:
+                x.update({n + "_dev": x[n].cuda() for n in ("q", "k", "v", "index", "dense")})
             return x
 
         pairs = int(dense_mask(index, T, T, block_size=bs, causal=True).sum())
@@ -333,5 +336,10 @@ def bench_cases(quick: bool = False) -> list[BenchCase]:
             flops=float(pairs * 4 * D),
             torch_label="F.scaled_dot_product_attention (dense bool mask)",
             notes={"density": pairs / (B * H * T * T)},
+            cuda_fn=(lambda x: cuda(x["q_dev"], x["k_dev"], x["v_dev"], x["index_dev"], block_size=bs))
+            if with_cuda else None,
+            torch_cuda_fn=(lambda x: F.scaled_dot_product_attention(x["q_dev"], x["k_dev"], x["v_dev"],
+                                                                    attn_mask=x["dense_dev"]))
+            if with_cuda else None,
         ))
     return cases

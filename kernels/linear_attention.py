@@ -335,13 +335,19 @@ def bench_cases(quick: bool = False) -> list[BenchCase]:
     B, H, D, C = 1, 4, 64, 64
     lengths = (512, 2048) if quick else (512, 2048, 8192)
     decay = 1.0 - torch.exp2(-5.0 - torch.arange(H, dtype=torch.float32))  # RetNet's per-head gammas
+    with_cuda = torch.cuda.is_available()
     cases = []
     for T in lengths:
         def setup(T=T):
             gen = torch.Generator().manual_seed(0)
             x = {n: torch.randn(B, H, T, D, generator=gen) * D ** -0.5 for n in "qkv"}
             x["decay"] = decay.clone()
+            if with_cuda:
+                x.update({n + "_dev": x[n].cuda() for n in ("q", "k", "v", "decay")})
             return x
+
+        def on_dev(fn):
+            return lambda x: fn(x["q_dev"], x["k_dev"], x["v_dev"], decay=x["decay_dev"], chunk=C)
 
         cases.append(BenchCase(
             kernel="linear_attention",
@@ -351,5 +357,7 @@ def bench_cases(quick: bool = False) -> list[BenchCase]:
             numba_fn=lambda x: cpu(x["q"], x["k"], x["v"], decay=x["decay"], chunk=C),
             flops=chunked_flops(B, H, T, D, D, C),
             torch_label="torch_chunked (vectorised torch)",
+            cuda_fn=on_dev(cuda) if with_cuda else None,
+            torch_cuda_fn=on_dev(torch_chunked) if with_cuda else None,
         ))
     return cases

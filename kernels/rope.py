@@ -257,14 +257,22 @@ def bench_cases(quick: bool = False) -> list[BenchCase]:
     """A LongRoPE-style population (P=16 factor vectors, n-hat=8) applied to q of one layer."""
     B, H, D, P = 1, 4, 64, 16
     lengths = (512, 2048) if quick else (512, 2048, 8192)
+    with_cuda = torch.cuda.is_available()
     cases = []
     for T in lengths:
         def setup(T=T):
             gen = torch.Generator().manual_seed(0)
             factors = 1.0 + 7.0 * torch.rand(P, D // 2, generator=gen).sort(dim=-1).values  # monotone, [1, 8]
-            return {"x": torch.randn(B, H, T, D, generator=gen), "pos": torch.arange(T), "factors": factors}
+            x = {"x": torch.randn(B, H, T, D, generator=gen), "pos": torch.arange(T), "factors": factors}
+            if with_cuda:
+                x.update({n + "_dev": x[n].cuda() for n in ("x", "pos", "factors")})
+            return x
 
         kw = dict(start=8, mscale=1.2)
+
+        def on_dev(fn, kw=kw):
+            return lambda x: fn(x["x_dev"], x["pos_dev"], factors=x["factors_dev"], **kw)
+
         cases.append(BenchCase(
             kernel="rope",
             shape=f"P={P} B={B} H={H} T={T} D={D} fp32",
@@ -273,5 +281,7 @@ def bench_cases(quick: bool = False) -> list[BenchCase]:
             numba_fn=lambda x, kw=kw: cpu(x["x"], x["pos"], factors=x["factors"], **kw),
             bytes=float(P * B * H * T * D * 4 + B * H * T * D * 4),  # write P copies, read x
             torch_label="torch eager (float64 angles, broadcast x*cos + rotate_half(x)*sin)",
+            cuda_fn=on_dev(cuda) if with_cuda else None,
+            torch_cuda_fn=on_dev(reference) if with_cuda else None,
         ))
     return cases
