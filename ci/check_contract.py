@@ -82,8 +82,9 @@ def check_notebook(path: Path, catalogue: dict[str, dict], repo: Path = REPO_ROO
     is_card = row.get("status") == "card"
 
     # 8. stored clean
-    if nb.get("metadata", {}).get("kernelspec", {}).get("name") != "python3":
-        bad("metadata.kernelspec.name must be 'python3' (papermill needs it)")
+    spec = nb.get("metadata", {}).get("kernelspec", {})
+    if spec.get("name") != "python3" or spec.get("language") != "python":
+        bad("metadata.kernelspec must have name 'python3' and language 'python' (papermill needs both)")
     for i, c in enumerate(code_cells):
         if c.get("outputs") or c.get("execution_count") is not None:
             bad(f"code cell {i} has outputs or an execution count; commit notebooks without outputs")

@@ -144,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="full mode instead of smoke")
     ap.add_argument("--jobs", type=int, default=2, help="parallel workers (default 2)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--notebook-dir", type=Path, default=NOTEBOOK_DIR, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     mode = "full" if args.full else "smoke"
-    results = run_all(notebook_paths(args.slugs or None), mode=mode, jobs=args.jobs, seed=args.seed)
+    results = run_all(notebook_paths(args.slugs or None, args.notebook_dir), mode=mode, jobs=args.jobs,
+                      seed=args.seed)
     target = append_claims(results)
     print_table(results)
     for r in results:

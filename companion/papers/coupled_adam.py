@@ -301,8 +301,8 @@ def cloud_figure(results: dict[tuple[float, str], RunResult], *, zipf: float, st
         extent = max(extent, xy.abs().max().item())
         logf = torch.log10(res.frequencies.clamp_min(1e-9))
         fig.add_trace(go.Scattergl(
-            x=xy[:, 0], y=xy[:, 1], mode="markers", name=LABELS[key[1]], showlegend=False,
-            marker=dict(size=4, color=logf, colorscale="Viridis", cmin=-6, cmax=-1, opacity=0.7,
+            x=xy[:, 0].numpy(), y=xy[:, 1].numpy(), mode="markers", name=LABELS[key[1]], showlegend=False,
+            marker=dict(size=4, color=logf.numpy(), colorscale="Viridis", cmin=-6, cmax=-1, opacity=0.7,
                         colorbar=dict(title="log10 freq", x=1.02) if col == 2 else None,
                         showscale=col == 2),
             hovertext=[f"token {i}" for i in range(len(xy))]), row=1, col=col)
@@ -349,6 +349,6 @@ def loss_figure(results: dict[tuple[float, str], RunResult], *, zipf: float, smo
         loss = torch.tensor(res.history.loss)
         k = max(1, min(smooth, len(loss)))
         avg = torch.nn.functional.avg_pool1d(loss[None, None], k, stride=1)[0, 0]
-        fig.add_trace(go.Scatter(x=res.history.step[k - 1:], y=avg, line=dict(color=colour),
+        fig.add_trace(go.Scatter(x=res.history.step[k - 1:], y=avg.numpy(), line=dict(color=colour),
                                  name=f"{LABELS[kind]} (val {res.val_loss:.3f})"))
     return fig
