@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= 2
+PORT ?= 8888
+# Jupyter refuses to run as root unless told; CI runs as root.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 NB ?=
 
 .PHONY: lab test lint unit notebooks contract book run bench clean-data help
@@ -26,7 +29,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 lab: $(STAMP)
-	$(PY) -m jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --no-browser
+	$(PY) -m jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --ServerApp.port=$(PORT) --no-browser $(ALLOW_ROOT)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,0 +1,1 @@
+"""One module per paper: ``companion/papers/<slug with underscores>.py`` holds the paper's method."""
