@@ -165,7 +165,6 @@ def _cpu_block_sparse(q, k, v, block_index, block_size, q_offset, causal, scale_
         alpha = np.empty(nq, dtype=dt)
         shift = np.empty(nq, dtype=dt)
         tmax = np.empty(nq, dtype=dt)
-        bits = np.empty(nq, dtype=np.int32)
         st_flat = np.empty(block_k * nq, dtype=dt)
         for c0 in range(0, n, block_k):
             nk = min(n, c0 + block_k) - c0
@@ -175,8 +174,7 @@ def _cpu_block_sparse(q, k, v, block_index, block_size, q_offset, causal, scale_
             for c in range(c0, c0 + nk):
                 latest = max(latest, kpos[c])
             need_mask = latest > hi_r[0]  # some key is in the future of the first row
-            _softmax_tile(st, kpos[c0:c0 + nk], hi_r, lo_r, 0, need_mask, m, l, alpha, shift, tmax, bits,
-                          poly_exp)
+            _softmax_tile(st, kpos[c0:c0 + nk], hi_r, lo_r, 0, need_mask, m, l, alpha, shift, tmax, poly_exp)
             np.dot(st.T, vbuf[c0:c0 + nk], pv)
             _accumulate(acc, alpha, pv)
         _finish_rows(acc, l, m, out[b, h, i0:i0 + nq], lse[b, h, i0:i0 + nq])
