@@ -43,11 +43,18 @@ def _edit_code(nb, needle, replace):
     raise AssertionError(f"{needle!r} not in any code cell")
 
 
+def _params(nb):
+    return next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+
+
 MUTATIONS = {
-    "outputs": (lambda nb: nb["cells"][2].update(outputs=[{"output_type": "stream", "name": "stdout", "text": "x"}],
+    "outputs": (lambda nb: _params(nb).update(outputs=[{"output_type": "stream", "name": "stdout", "text": "x"}],
                                                  execution_count=1), "without outputs"),
     "smoke default": (lambda nb: _edit_code(nb, "SMOKE = False", "SMOKE = True"), "SMOKE = False"),
-    "no parameters tag": (lambda nb: nb["cells"][1]["metadata"].update(tags=[]), "tagged 'parameters'"),
+    "no parameters tag": (lambda nb: _params(nb)["metadata"].update(tags=[]), "tagged 'parameters'"),
+    "no colab link": (lambda nb: nb["cells"][0].update(source=_src(nb["cells"][0]).replace("colab.research", "x")),
+                      "Open in Colab"),
+    "no install cell": (lambda nb: nb["cells"].pop(1), "install the companion"),
     "no explorer": (lambda nb: _edit_code(nb, "explorer = explore(", "explorer = dict("), "no explorer"),
     "matplotlib": (lambda nb: _edit_code(nb, "import inspect", "import inspect\nimport matplotlib.pyplot as plt"),
                    "plotly only"),
