@@ -254,3 +254,21 @@ def test_parallel_loads_build_once(zoo_env, tmp_path):
     a, b = (torch.load(o, weights_only=True) for o in outs)
     _assert_same(a, b)
     _check_files(zoo_env, "t-par")
+
+
+def test_failed_build_leaves_no_cache_and_is_retried(zoo_env):
+    attempts = []
+
+    @zoo.register("t-fail", version="1", skeleton=_skeleton())
+    def fit(model):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("training diverged")
+        return {"ok": True}
+
+    with pytest.raises(RuntimeError, match="diverged"):
+        zoo.load("t-fail")
+    assert not (zoo_env / "t-fail.pt").exists() and not (zoo_env / "t-fail.json").exists()
+    model = zoo.load("t-fail")  # the lock was released and the build runs again
+    assert model.zoo_meta["ok"] is True and len(attempts) == 2
+    _check_files(zoo_env, "t-fail")
