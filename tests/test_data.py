@@ -203,8 +203,6 @@ def test_lm_batches_depend_only_on_seed_and_step():
     assert not torch.equal(a(0)[0], lm_batches(tokens, 4, 16, seed=1)(0)[0])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: lm_batches draws starts with randint(0, N - seq_len - 1), whose upper "
-                   "bound is exclusive, so the window ending at the last token is never sampled")
 def test_lm_batches_can_reach_every_window():
     seq_len = 8
     tokens = torch.arange(seq_len + 3)  # three valid windows: starts 0, 1, 2
@@ -346,8 +344,6 @@ def test_passkey_tokens_rejects_bad_arguments(kw, match):
         passkey_tokens(args.pop("n"), **args)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: passkey_tokens never validates `length`; a non-int length fails "
-                   "inside zipf_markov with 'n_tokens must be an int', naming an argument the caller never passed")
 @pytest.mark.parametrize("length", [40.0, 40.5])
 def test_passkey_tokens_non_int_length_names_length(length):
     with pytest.raises(ValueError, match="length"):

@@ -164,8 +164,6 @@ def test_norm_frequency_correlation_errors():
         norm_frequency_correlation(torch.eye(4, dtype=torch.float64), torch.arange(4.0))  # constant norms
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: norm_frequency_correlation checks E for NaN/inf but not "
-                   "`frequencies`; NaN frequencies return NaN (denom == 0 is False for NaN)")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_norm_frequency_correlation_rejects_non_finite_frequencies(bad):
     with pytest.raises(ValueError):
@@ -195,8 +193,6 @@ def test_bad_input_raises_value_error(metric, E):
         metric(E)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a zero matrix gives 0/0 = NaN from relative_mean_norm and "
-                   "condition_ratio, silently, while norm_frequency_correlation raises on undefined values")
 @pytest.mark.parametrize("metric", [relative_mean_norm, condition_ratio])
 def test_all_zero_matrix_is_not_silently_nan(metric):
     try:

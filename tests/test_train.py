@@ -249,8 +249,6 @@ def test_bad_arguments_raise_value_error(batches, kw, match):
     _assert_same_params(before, _params(model))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: checkpoint_every is not validated; 0 raises ZeroDivisionError at the "
-                   "first step ((step + 1) % checkpoint_every) instead of a ValueError up front")
 def test_checkpoint_every_zero_is_rejected(batches, tmp_path):
     with pytest.raises(ValueError, match="checkpoint_every"):
         train(_model(), batches, steps=3, checkpoint=tmp_path / "c.pt", checkpoint_every=0)
@@ -313,8 +311,6 @@ def test_evaluate_loss_is_the_mean_and_restores_mode(batches):
     assert not model.training
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: evaluate_loss(n_batches=0) divides by len([]) and raises "
-                   "ZeroDivisionError instead of a ValueError")
 def test_evaluate_loss_rejects_zero_batches(batches):
     with pytest.raises(ValueError, match="n_batches"):
         evaluate_loss(_model(), batches, 0)

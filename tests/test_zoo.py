@@ -211,9 +211,6 @@ def test_cache_lives_under_lab_data(zoo_env, tmp_path):
     assert (tmp_path / "zoo" / "t-where.pt").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: zoo.load calls torch.manual_seed(0) on a cold build (and the warm path "
-                   "runs skeleton() on the global RNG), so random numbers drawn after load() depend on whether the "
-                   "cache was warm: a notebook's results change between the first and second run")
 def test_load_does_not_disturb_the_global_rng(zoo_env):
     _register("t-rng")
     torch.manual_seed(123)
