@@ -64,9 +64,10 @@ FIGURE_STATE = """() => Array.from(document.querySelectorAll('.lab-plot')).map(e
 
 def test_book_pages_render_plotly_figures_offline(browser, tmp_path):
     env = dict(os.environ, LAB_DATA=str(tmp_path), LAB_CLAIMS=str(tmp_path / "claims.jsonl"))
-    subprocess.run([sys.executable, "-m", "ci.book", "--smoke", "--only", "coupled-adam", "--jobs", "1",
-                    "--scoreboard", str(tmp_path / "scoreboard.json")], env=env, check=True, cwd=tmp_path,
-                   capture_output=True)
+    built = subprocess.run([sys.executable, "-m", "ci.book", "--smoke", "--only", "coupled-adam", "--jobs", "1",
+                            "--scoreboard", str(tmp_path / "scoreboard.json")], env=env, cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert built.returncode == 0, f"ci.book failed:\n{built.stdout[-4000:]}\n{built.stderr[-2000:]}"
     book = tmp_path / "book"
     page, errors = _offline_page(browser)
     page.goto((book / "index.html").as_uri())
