@@ -202,7 +202,7 @@ def test_train_models_rejects_mismatched_inputs():
 def test_run_grid_shapes_and_argmin():
     grid = cls.run_grid([21, 24], [100, 200], [0, 1], arch=cls.Arch(hidden=8, n_in=24),
                         cfg=cls.TrainConfig(batch_size=100, max_epochs=1), n_val=100, n_test=100, progress=False)
-    assert grid.loss.shape == (2, 2, 2) and grid.task_loss.shape == (2, 2, 2, 50)
+    assert grid.loss.shape == grid.val_loss.shape == (2, 2, 2) and grid.task_loss.shape == (2, 2, 2, 50)
     assert set(grid.argmin_ctl()) <= {21, 24} and grid.argmin_ctl_per_seed().shape == (2, 2)
     with pytest.raises(ValueError, match="sizes"):
         cls.run_grid([21], [10], [0], arch=cls.Arch(hidden=8, n_in=24), cfg=cls.TrainConfig())

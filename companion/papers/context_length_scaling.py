@@ -188,8 +188,9 @@ class Arch:
     def slope(self) -> float:
         return ARCHS[self.kind]
 
-    def layout(self) -> list[tuple[str, tuple[int, ...], str]]:
-        """(name, shape, fan-in source) of every tensor of one model.
+    def layout(self) -> list[tuple[str, tuple[int, ...], int | str]]:
+        """(name, shape, fan-in) of every tensor of one model; the fan-in of the first layer depends
+        on the model's context length, so it is given as "in" (ctl + T) or "bits" (ctl).
 
         ``W_bits`` and ``W_task`` together are the official first (MLP) or third (Bi-MLP) Linear
         over ``cat(bits, one_hot(task))``: a one-hot times a matrix is a row lookup, so we store
@@ -198,13 +199,13 @@ class Arch:
         h, k, g, n, T = self.hidden, self.bottleneck, self.head_hidden, self.n_in, self.n_tasks
         if self.kind == "mlp":
             return [("W_bits", (n, h), "in"), ("W_task", (T, h), "in"), ("b1", (h,), "in"),
-                    ("W2", (h, h // 2), f"{h}"), ("b2", (h // 2,), f"{h}"),
-                    ("W3", (h // 2, h), f"{h // 2}"), ("b3", (h,), f"{h // 2}"),
-                    ("W4", (h, 1), f"{h}"), ("b4", (1,), f"{h}")]
+                    ("W2", (h, h // 2), h), ("b2", (h // 2,), h),
+                    ("W3", (h // 2, h), h // 2), ("b3", (h,), h // 2),
+                    ("W4", (h, 1), h), ("b4", (1,), h)]
         return [("W_bits", (n, h), "bits"), ("b1", (h,), "bits"),
-                ("W2", (h, k), f"{h}"), ("b2", (k,), f"{h}"),
-                ("W_feat", (k, g), f"{k + T}"), ("W_task", (T, g), f"{k + T}"), ("b3", (g,), f"{k + T}"),
-                ("W4", (g, 1), f"{g}"), ("b4", (1,), f"{g}")]
+                ("W2", (h, k), h), ("b2", (k,), h),
+                ("W_feat", (k, g), k + T), ("W_task", (T, g), k + T), ("b3", (g,), k + T),
+                ("W4", (g, 1), g), ("b4", (1,), g)]
 
     @property
     def n_params(self) -> int:
@@ -229,8 +230,8 @@ def init_params(arch: Arch, ctls: list[int], *, seed: int, dtype=torch.float32) 
     gen = torch.Generator().manual_seed(int(seed))
     params = {}
     for name, shape, fan in arch.layout():
-        fan_in = torch.tensor([{"in": c + arch.n_tasks, "bits": c}.get(fan) or int(fan) for c in ctls],
-                              dtype=torch.float64)
+        fan_in = torch.tensor([fan if isinstance(fan, int) else c + arch.n_tasks if fan == "in" else c
+                               for c in ctls], dtype=torch.float64)
         bound = (1.0 / fan_in.sqrt()).to(dtype).view(-1, *[1] * len(shape))
         params[name] = (torch.rand(len(ctls), *shape, generator=gen, dtype=dtype) * 2 - 1) * bound
     params["W_bits"] *= bit_mask(ctls, arch.n_in, dtype=dtype)[:, :, None]
@@ -252,7 +253,7 @@ def forward(arch: Arch, p: Params, mask: torch.Tensor, bits: torch.Tensor, task:
     the MLP's fc2 output (M, B, hidden // 2) or the Bi-MLP's linear_2 output (M, B, bottleneck).
     """
     act = lambda z: F.leaky_relu(z, arch.slope)  # noqa: E731
-    rows = torch.arange(mask.shape[0])[:, None]
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None]
     x = torch.bmm(bits, p["W_bits"] * mask[:, :, None])
     if arch.kind == "mlp":
         h = act(x + p["W_task"][rows, task] + p["b1"][:, None])
@@ -496,9 +497,10 @@ class GridResult:
     ctls: list[int]
     sizes: list[int]
     seeds: list[int]
-    loss: np.ndarray  # (S, C, D)
+    loss: np.ndarray  # (S, C, D) test loss at the best validation epoch
     task_loss: np.ndarray  # (S, C, D, T)
     epochs: np.ndarray  # (S, C, D) epochs run
+    val_loss: np.ndarray | None = None  # (S, C, D) best validation loss
     seconds: dict[int, float] = field(default_factory=dict)  # per data size
     sample_passes: dict[int, int] = field(default_factory=dict)
 
@@ -534,16 +536,16 @@ def run_grid(ctls: list[int], sizes: list[int], seeds: list[int], *, arch: Arch,
         raise ValueError(f"arch.n_in={arch.n_in} is smaller than the largest ctl {max(ctls)}")
     train, val, test = ([d.to(device) for d in ds] for ds in make_datasets(seeds, max(sizes), n_val, n_test))
     S, C, D = len(seeds), len(ctls), len(sizes)
-    loss, epochs = np.zeros((S, C, D)), np.zeros((S, C, D), dtype=int)
+    loss, val_loss, epochs = np.zeros((S, C, D)), np.zeros((S, C, D)), np.zeros((S, C, D), dtype=int)
     task_loss = np.zeros((S, C, D, N_TASKS))
-    grid = GridResult(list(ctls), list(sizes), list(seeds), loss, task_loss, epochs)
+    grid = GridResult(list(ctls), list(sizes), list(seeds), loss, task_loss, epochs, val_loss)
     pairs = [(s, c) for s in range(S) for c in range(C)]
     for d, size in enumerate(sizes):
         res = train_models(arch, [ctls[c] for _, c in pairs], [s for s, _ in pairs], [t.head(size) for t in train],
                            val, test, cfg, init_seed=1000 * seeds[0] + d)
         for m, (s, c) in enumerate(pairs):
-            loss[s, c, d], task_loss[s, c, d], epochs[s, c, d] = res.test_loss[m], res.test_task_loss[m], \
-                res.epochs_run[m]
+            loss[s, c, d], val_loss[s, c, d], epochs[s, c, d] = res.test_loss[m], res.val_loss[m], res.epochs_run[m]
+            task_loss[s, c, d] = res.test_task_loss[m]
         grid.seconds[size], grid.sample_passes[size] = res.seconds, res.sample_passes
         if progress:
             print(f"D={size:>7,}: {len(pairs)} models in {res.seconds:5.1f} s "
