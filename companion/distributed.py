@@ -59,7 +59,17 @@ _LAST_PIDS: list[int] = []
 
 
 class WorkerError(RuntimeError):
-    """A worker raised, died or stalled. The message holds the worker's own traceback."""
+    """A worker raised or died. The message holds the workers' own tracebacks.
+
+    ``failures`` maps rank -> traceback text in the order they arrived (the first is usually the
+    cause; its peers then fail with "connection closed"); ``silent`` lists ranks that died without
+    a word (exit code != 0), which are the likelier cause when present.
+    """
+
+    def __init__(self, message: str, failures: dict[int, str] | None = None, silent: Sequence[int] = ()):
+        super().__init__(message)
+        self.failures = dict(failures or {})
+        self.silent = list(silent)
 
 
 def last_worker_pids() -> list[int]:
@@ -191,7 +201,7 @@ def launch(fn: Callable[..., Any], world_size: int, *, args: tuple = (), backend
             parts = [f"rank {r} of {world_size} died with exit code {procs[r].exitcode} without reporting "
                      "(a crash or os._exit: no traceback)" for r in silent]
             parts += [f"rank {r} of {world_size} raised:\n{tb}" for r, tb in errors.items()]
-            raise WorkerError("\n".join(parts))
+            raise WorkerError("\n".join(parts), failures=errors, silent=silent)
         for p in procs:  # every rank reported: give them a moment to exit on their own
             p.join(timeout=5.0)
         return [done[r] for r in range(world_size)]

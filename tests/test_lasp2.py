@@ -194,6 +194,14 @@ def test_lasp2_bytes_do_not_depend_on_n_and_softmax_bytes_are_linear(results):
             assert large.max_bytes_sent() == 3 * small.max_bytes_sent()
 
 
+def test_one_rank_is_plain_attention():
+    """W = 1: nothing to communicate; every scheme still runs and equals one device."""
+    res = lasp2.run_experiment(1, [lasp2.Case(s, N=32, **SMALL) for s in lasp2.SCHEMES], reps=1, warmup=0)
+    for r in res:
+        assert r.err_out <= 1e-12 and r.err_grad <= 1e-12 and r.max_bytes_sent() == 0, r.case.scheme
+        assert r.p2p_calls == {"forward": [0], "backward": [0]}, r.case.scheme
+
+
 def test_figures_are_pure_functions_of_the_controls(results):
     a = lasp2.explorer_figure(results, W=2, N=32, d=8)
     b = lasp2.explorer_figure(results, W=4, N=64, d=8)
@@ -253,6 +261,7 @@ def test_a_worker_that_raises_fails_fast_with_its_traceback():
         launch(distributed.raise_on_rank, 3, timeout_s=120)  # rank 0 and 2 wait in a barrier forever
     assert time.monotonic() - t0 < 15
     assert "Traceback" in str(err.value) and "fails on purpose" in str(err.value)
+    assert next(iter(err.value.failures)) == 1 and "fails on purpose" in err.value.failures[1]
     _assert_all_reaped()
 
 
@@ -260,6 +269,7 @@ def test_a_worker_that_dies_silently_is_reported():
     with pytest.raises(WorkerError, match="rank 1 of 2 died with exit code 3") as err:
         launch(_exit_silently_on_rank_1, 2, timeout_s=120)
     assert str(err.value).startswith("rank 1")  # the cause first, then rank 0's "connection closed"
+    assert err.value.silent == [1]
     _assert_all_reaped()
 
 

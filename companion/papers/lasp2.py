@@ -31,8 +31,11 @@ Each scheme is a ``torch.autograd.Function`` whose forward and backward are writ
 
 Run it on one machine from Python with :func:`run_experiment`, or on many GPUs with torchrun::
 
-    torchrun --standalone --nproc-per-node 8 -m companion.papers.lasp2 --backend nccl --dtype float32 \
+    torchrun --standalone --nproc-per-node 8 -m companion.papers.lasp2 --backend nccl --dtype float32 \\
         --seq-lens 65536 --head-dims 64 --no-check
+
+(``python -m torch.distributed.run`` is the same as ``torchrun``.) Rank 0 prints one line,
+``LASP2_RESULT {json}``, with bytes, calls, depth, times and errors per case.
 """
 
 from __future__ import annotations
@@ -333,6 +336,8 @@ class RingAttention(torch.autograd.Function):
                 if step < W - 1:
                     buf = rec.sendrecv(buf, (rank + 1) % W, torch.empty_like(buf), (rank - 1) % W,
                                        label="K, V, dK, dV")
+                elif W == 1:  # a ring of one: the gradients are already home
+                    home = buf[2:]
                 else:  # the block now held belongs to rank + 1: send its gradients home
                     home = rec.sendrecv(buf[2:], (rank + 1) % W, torch.empty_like(buf[2:]), (rank - 1) % W,
                                         label="dK, dV")
@@ -567,9 +572,6 @@ class CaseResult:
         phases = PHASES if phase is None else (phase,)
         return max(sum(self.bytes_sent[p][r] for p in phases) for r in range(self.W))
 
-    def max_calls(self, phase: str) -> int:
-        return max(c + p for c, p in zip(self.collectives[phase], self.p2p_calls[phase]))
-
     def to_json(self) -> dict:
         out = asdict(self)
         out.pop("logs")
@@ -640,7 +642,9 @@ def expected_bytes_sent(scheme: str, phase: str, W: int, *, N: int, d: int, B: i
     if scheme == "lasp2h":  # AllGather of (K, V) forward, ReduceScatter of (dK, dV) backward
         return [(W - 1) * 2 * block] * W
     if scheme == "ring":
-        return [(W - 1) * 2 * block] * W if phase == "forward" else [(W - 1) * 4 * block + 2 * block] * W
+        if phase == "forward":
+            return [(W - 1) * 2 * block] * W
+        return [(W - 1) * 4 * block + (2 * block if W > 1 else 0)] * W
     if scheme == "hybrid":
         per_layer = [expected_bytes_sent("lasp2" if kind == "L" else "lasp2h", phase, W, N=N, d=d, B=B, H=H,
                                          itemsize=itemsize) for kind in pattern]
@@ -755,7 +759,7 @@ def explorer_figure(results: Sequence[CaseResult], *, W: int, N: int, d: int,
     from companion import viz
 
     rows = [find_result(results, s, W, N, d) for s in schemes]
-    names = [s for s in schemes]
+    names = list(schemes)
     fig = viz.subplots(1, 3, titles=["bytes sent per device (fwd + bwd)", "calls and dependency depth (fwd + bwd)",
                                      "measured time per step (ms)"], height=400, horizontal_spacing=0.09)
     fig.add_trace(go.Bar(x=names, y=[r.max_bytes_sent() for r in rows], marker_color=[COLOURS[s] for s in schemes],
