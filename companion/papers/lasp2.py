@@ -66,8 +66,7 @@ SOFTMAX_SCHEMES = ("lasp2h", "ring")
 KERNELS = ("torch_chunked", "reference", "cpu", "cuda", "auto")
 PHASES = ("forward", "backward")
 # Modules the worker server imports once (see companion.distributed.launch): pass them to the first launch.
-# The last one is what torch imports (with sympy) on the first ``tensor.backward(grad)``: ~3 s per worker.
-PRELOAD = ("companion.papers.lasp2", "kernels.linear_attention", "torch.fx.experimental.symbolic_shapes")
+PRELOAD = ("companion.papers.lasp2", "kernels.linear_attention")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,7 +454,7 @@ def reference_run(case: Case, seed: int) -> tuple[torch.Tensor, dict]:
         out = hybrid_forward(leaves["x"], inputs["weights"], case.pattern, attend, case.H)
     else:
         out = (linear_attention if case.scheme in LINEAR_SCHEMES else softmax_attention)(**leaves)
-    out.backward(inputs["grad"])
+    _backward(out, inputs["grad"])
     return out.detach(), {n: t.grad for n, t in leaves.items()}
 
 
@@ -494,8 +493,14 @@ def _one_step(case: Case, leaves: dict, inputs: dict, rec: CommRecorder, kernel:
         out = hybrid_forward(leaves["x"], inputs["weights"], case.pattern, attend, case.H)
     else:
         out = sequence_parallel_attention(case.scheme, leaves["q"], leaves["k"], leaves["v"], rec, kernel=kernel)
-    out.backward(inputs["grad"])
+    _backward(out, inputs["grad"])
     return out
+
+
+def _backward(out: torch.Tensor, grad: torch.Tensor) -> None:
+    """``out.backward(grad)``, written as a scalar loss: the same gradients, and it avoids the sympy
+    import that torch makes on the first non-scalar ``backward`` (seconds, in every fresh worker)."""
+    (out * grad).sum().backward()
 
 
 def run_suite(rank: int, world_size: int, cfg: SuiteConfig) -> list[dict]:
