@@ -108,6 +108,16 @@ def explicit_reference(q_nope, q_pe, c_cache, pe_cache, w_uk, w_uv, *, scale: fl
 # Numba CPU: split the cache into chunks (parallel), online softmax per head inside a chunk,
 # then merge the chunks' (max, denominator, accumulator) and apply W_UV.
 # --------------------------------------------------------------------------------------------
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _dot(a, b):  # pragma: no cover
+    """Σ a_j b_j. Only this reduction may be reordered ("reassoc", "contract"), so LLVM can vectorise
+    it instead of waiting on one add chain (10x at R = 576 here); no nnan/ninf, so inf stays exact."""
+    total = 0.0
+    for j in range(a.shape[0]):
+        total += a[j] * b[j]
+    return total
+
+
 @njit(cache=True, fastmath=False)
 def _merge_and_project(part_m, part_l, part_acc, b, h, w_uv, out):  # pragma: no cover
     """Merge one (b, h)'s chunk partials: o_lat = Σ_s e^{m_s - m} acc_s / Σ_s e^{m_s - m} l_s; out = W_UV o_lat."""
@@ -134,27 +144,22 @@ def _merge_and_project(part_m, part_l, part_acc, b, h, w_uv, out):  # pragma: no
 @njit(parallel=True, cache=True, fastmath=False)
 def _mla_cpu(q_lat, q_pe, c, pe, w_uv, scale, n_split, tile):  # pragma: no cover
     B, H, R = q_lat.shape
-    P, T = q_pe.shape[2], c.shape[1]
+    T = c.shape[1]
     chunk = (T + n_split - 1) // n_split
-    part_m = np.full((B, n_split, H), -np.inf)
-    part_l = np.zeros((B, n_split, H))
-    part_acc = np.zeros((B, n_split, H, R))
+    dtype = q_lat.dtype  # softmax state in the input precision: float32 exp is ~3x cheaper than float64
+    part_m = np.full((B, n_split, H), -np.inf, dtype=dtype)
+    part_l = np.zeros((B, n_split, H), dtype=dtype)
+    part_acc = np.zeros((B, n_split, H, R), dtype=dtype)
     for job in prange(B * n_split):
         b, s = job // n_split, job % n_split
         t_lo, t_hi = s * chunk, min(T, (s + 1) * chunk)
-        scores = np.empty(tile)
+        scores = np.empty(tile, dtype=dtype)
         for t0 in range(t_lo, t_hi, tile):  # a tile of tokens stays in cache while every head reads it
             n = min(tile, t_hi - t0)
             for h in range(H):
-                tile_max = -np.inf
                 for i in range(n):
-                    dot = 0.0
-                    for j in range(R):
-                        dot += q_lat[b, h, j] * c[b, t0 + i, j]
-                    for j in range(P):
-                        dot += q_pe[b, h, j] * pe[b, t0 + i, j]
-                    scores[i] = dot * scale
-                    tile_max = max(tile_max, scores[i])
+                    scores[i] = (_dot(q_lat[b, h], c[b, t0 + i]) + _dot(q_pe[b, h], pe[b, t0 + i])) * scale
+                tile_max = scores[:n].max()
                 m_old = part_m[b, s, h]
                 m_new = max(m_old, tile_max)
                 alpha = 0.0 if m_old == -np.inf else math.exp(m_old - m_new)  # rescale what came before
@@ -377,23 +382,20 @@ def _gqa_cpu(q, k, v, scale, n_split, tile):  # pragma: no cover
     H_kv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = H // H_kv
     chunk = (T + n_split - 1) // n_split
-    part_m = np.full((B, n_split, H), -np.inf)
-    part_l = np.zeros((B, n_split, H))
-    part_acc = np.zeros((B, n_split, H, Dv))
+    dtype = q.dtype
+    part_m = np.full((B, n_split, H), -np.inf, dtype=dtype)
+    part_l = np.zeros((B, n_split, H), dtype=dtype)
+    part_acc = np.zeros((B, n_split, H, Dv), dtype=dtype)
     for job in prange(B * H_kv * n_split):
         b, kv, s = job // (H_kv * n_split), (job // n_split) % H_kv, job % n_split
         t_lo, t_hi = s * chunk, min(T, (s + 1) * chunk)
-        scores = np.empty(tile)
+        scores = np.empty(tile, dtype=dtype)
         for t0 in range(t_lo, t_hi, tile):
             n = min(tile, t_hi - t0)
             for h in range(kv * group, (kv + 1) * group):  # the query heads that share this kv head
-                tile_max = -np.inf
                 for i in range(n):
-                    dot = 0.0
-                    for j in range(D):
-                        dot += q[b, h, j] * k[b, kv, t0 + i, j]
-                    scores[i] = dot * scale
-                    tile_max = max(tile_max, scores[i])
+                    scores[i] = _dot(q[b, h], k[b, kv, t0 + i]) * scale
+                tile_max = scores[:n].max()
                 m_old = part_m[b, s, h]
                 m_new = max(m_old, tile_max)
                 alpha = 0.0 if m_old == -np.inf else math.exp(m_old - m_new)
