@@ -167,7 +167,8 @@ def test_jupyterlab_runs_the_notebook_and_the_slider_redraws_the_figure(browser,
         except Exception:
             SCREENS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENS / "coupled-adam-jupyterlab-FAILED.png"), full_page=True)
-            pytest.fail("the explorer figure never appeared; notebook outputs so far:\n" + page.evaluate(NOTEBOOK_OUTPUTS))
+            outputs = page.evaluate(NOTEBOOK_OUTPUTS)
+            pytest.fail(f"the explorer figure never appeared; notebook outputs so far:\n{outputs}")
         slider = page.locator(".widget-slider").first
         slider.scroll_into_view_if_needed()
         before = page.evaluate(CLOUD)
