@@ -165,7 +165,6 @@ def _cpu_block_sparse(q, k, v, block_index, block_size, q_offset, causal, scale_
         alpha = np.empty(nq, dtype=dt)
         shift = np.empty(nq, dtype=dt)
         tmax = np.empty(nq, dtype=dt)
-        bits = np.empty(nq, dtype=np.int32)
         st_flat = np.empty(block_k * nq, dtype=dt)
         for c0 in range(0, n, block_k):
             nk = min(n, c0 + block_k) - c0
@@ -175,8 +174,7 @@ def _cpu_block_sparse(q, k, v, block_index, block_size, q_offset, causal, scale_
             for c in range(c0, c0 + nk):
                 latest = max(latest, kpos[c])
             need_mask = latest > hi_r[0]  # some key is in the future of the first row
-            _softmax_tile(st, kpos[c0:c0 + nk], hi_r, lo_r, 0, need_mask, m, l, alpha, shift, tmax, bits,
-                          poly_exp)
+            _softmax_tile(st, kpos[c0:c0 + nk], hi_r, lo_r, 0, need_mask, m, l, alpha, shift, tmax, poly_exp)
             np.dot(st.T, vbuf[c0:c0 + nk], pv)
             _accumulate(acc, alpha, pv)
         _finish_rows(acc, l, m, out[b, h, i0:i0 + nq], lse[b, h, i0:i0 + nq])
@@ -312,6 +310,7 @@ def bench_cases(quick: bool = False) -> list[BenchCase]:
 
     B, H, D, bs = 1, 4, 64, 64
     lengths = (512, 2048) if quick else (512, 2048, 4096)
+    with_cuda = torch.cuda.is_available()
     cases = []
     for T in lengths:
         index = infinitehip_like_index(B, H, T, bs)
@@ -321,6 +320,8 @@ def bench_cases(quick: bool = False) -> list[BenchCase]:
             x = {n: torch.randn(B, H, T, D, generator=gen) for n in "qkv"}
             x["index"] = index
             x["dense"] = dense_mask(index, T, T, block_size=bs, causal=True)
+            if with_cuda:
+                x.update({n + "_dev": x[n].cuda() for n in ("q", "k", "v", "index", "dense")})
             return x
 
         pairs = int(dense_mask(index, T, T, block_size=bs, causal=True).sum())
@@ -333,5 +334,10 @@ def bench_cases(quick: bool = False) -> list[BenchCase]:
             flops=float(pairs * 4 * D),
             torch_label="F.scaled_dot_product_attention (dense bool mask)",
             notes={"density": pairs / (B * H * T * T)},
+            cuda_fn=(lambda x: cuda(x["q_dev"], x["k_dev"], x["v_dev"], x["index_dev"], block_size=bs))
+            if with_cuda else None,
+            torch_cuda_fn=(lambda x: F.scaled_dot_product_attention(x["q_dev"], x["k_dev"], x["v_dev"],
+                                                                    attn_mask=x["dense_dev"]))
+            if with_cuda else None,
         ))
     return cases
