@@ -1,4 +1,5 @@
-"""Long-context toy tools: score many RoPE scalings in one folded forward, synthetic long-range text,
+"""Long-context toy tools: score many RoPE scalings in one folded forward, a short-context RoPE LM
+for the zoo (trained at a short length on text with long-range structure, then read past it),
 passkeys, and the perplexity / passkey sweeps that context-extension notebooks plot.
 
 **Scoring a population in one pass.** To compare P rescalings (a LongRoPE generation, or PI/NTK/
@@ -18,7 +19,7 @@ Shapes: P scalings, B (or N) sequences, T positions, d head dim.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from companion.data import insert_copy_spans, zipf_markov
 from companion.model import Attention, ModelConfig, TinyLM
 from companion.rope_scaling import Scaling
 
@@ -204,64 +206,6 @@ def population_passkey(model: TinyLM, tokens: torch.Tensor, key_len: int, scalin
 
 
 
-def markov_text(n_docs: int, doc_len: int, *, vocab_size: int, branching: int = 16, noise: float = 0.1,
-                skip: float = 0.5, seed: int = 0) -> torch.Tensor:
-    """``(n_docs, doc_len)`` tokens from a Zipf–Markov chain with a skip-bigram: token t follows
-    token t−1 (a successor table S1) or, with probability ``skip``, token t−2 (a table S2).
-
-    Each token has ``branching`` successors in each table, drawn from a Zipf unigram law and chosen
-    with probability ∝ 1/(rank+1); with probability ``noise`` the next token is a fresh unigram
-    draw. ``skip = 0`` is the first-order chain of ``companion.data.zipf_markov``. With ``skip > 0``
-    the model needs an attention head at distance 2, a pattern that lives in the fast RoPE dims:
-    exactly what Position Interpolation blurs.
-    """
-    from companion.data import zipf_probs
-
-    if n_docs < 1 or doc_len < 3 or branching < 1 or not 0 <= noise <= 1 or not 0 <= skip <= 1:
-        raise ValueError(f"need n_docs >= 1, doc_len >= 3, branching >= 1, noise and skip in [0, 1]; got "
-                         f"{n_docs}, {doc_len}, {branching}, {noise}, {skip}")
-    rng = np.random.default_rng(seed)
-    cdf = np.cumsum(zipf_probs(vocab_size, 1.1))
-    draw = lambda n: np.minimum(np.searchsorted(cdf, rng.random(n)), vocab_size - 1)
-    tables = draw(2 * vocab_size * branching).reshape(2, vocab_size, branching)  # S1, S2
-    rank_cdf = np.cumsum(1.0 / np.arange(1, branching + 1))
-    rank_cdf /= rank_cdf[-1]
-    docs = np.empty((n_docs, doc_len), dtype=np.int64)
-    docs[:, :2] = draw(2 * n_docs).reshape(n_docs, 2)
-    for t in range(2, doc_len):
-        use_skip = rng.random(n_docs) < skip
-        prev = np.where(use_skip, docs[:, t - 2], docs[:, t - 1])
-        k = np.minimum(np.searchsorted(rank_cdf, rng.random(n_docs)), branching - 1)
-        nxt = tables[use_skip.astype(int), prev, k]
-        fresh = rng.random(n_docs) < noise
-        nxt[fresh] = draw(int(fresh.sum()))
-        docs[:, t] = nxt
-    return torch.from_numpy(docs)
-
-
-def insert_copies(docs: torch.Tensor, *, prob: float, length: int, seed: int) -> torch.Tensor:
-    """A copy of ``docs (N, T)`` in which, at every slot t = 2·length, 3·length, … (with probability
-    ``prob``), the next ``length`` tokens repeat a span that starts anywhere earlier in the same row.
-
-    Unlike ``zipf_markov(copy_prob=…)`` we apply this per row, so that training rows of
-    ``train_len + 1`` tokens hold every copy's source, while long evaluation documents copy from
-    up to 1024 tokens back: the model learns to copy, and reading far back is what a longer
-    context is good for.
-    """
-    if not 0 <= prob <= 1 or length < 1:
-        raise ValueError(f"need prob in [0, 1] and length >= 1, got prob={prob}, length={length}")
-    out = docs.clone()
-    N, T = out.shape
-    rng = np.random.default_rng(seed)
-    rows = torch.arange(N)
-    for t in range(2 * length, T - length + 1, length):
-        pick = torch.from_numpy(rng.random(N) < prob)
-        src = torch.from_numpy(rng.integers(0, t - length + 1, size=N))
-        span = src[:, None] + torch.arange(length)  # (N, length)
-        out[pick, t:t + length] = out[rows[:, None], span][pick]
-    return out
-
-
 def passkey_samples(filler: torch.Tensor, n: int, length: int, depth: float, *, vocab_size: int, key_len: int,
                     seed: int) -> torch.Tensor:
     """``(n, length)`` passkey sequences: ``text… M k_1…k_L text… M k_1…k_L``.
@@ -312,3 +256,121 @@ def passkey_grid(model: TinyLM, filler: torch.Tensor, scalings: dict[str, Scalin
             grid[:, a, b] = population_passkey(model, tokens, key_len, [scalings[m] for m in names],
                                                backend=backend).numpy()
     return {m: grid[i] for i, m in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------------------------
+# A zoo LM trained at a short length, for papers that read it past that length
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShortLMConfig:
+    """A small RoPE LM and its data. Text: a second-order Zipf–Markov chain
+    (``companion.data.zipf_markov(skip=…)``) with copy spans (a span repeats an earlier span of the
+    same document, at any distance); a share of each training batch is passkey samples."""
+
+    vocab_size: int = 512  # token vocab_size - 1 is the passkey marker; text uses the others
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4  # head dim 32: 16 RoPE frequencies
+    rope_base: float = 10000.0
+    train_len: int = 128
+    max_len: int = 1024  # evaluation documents hold this many tokens (+1 target)
+    branching: int = 16
+    noise: float = 0.1
+    skip: float = 0.5
+    copy_prob: float = 0.5 / 16  # per position: about one copy span per two 16-token slots
+    copy_len: int = 16
+    passkey_frac: float = 0.25  # share of each training batch that is a passkey sample
+    key_len: int = 4
+    train_docs: int = 2000  # documents of max_len + 1 tokens, cut into training rows of train_len + 1
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-3
+    corpus_seed: int = 1
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
+                           n_heads=self.n_heads, rope_base=self.rope_base)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+def corpus(cfg: ShortLMConfig, n_eval_docs: int = 64) -> dict[str, torch.Tensor]:
+    """``train``: rows ``(n, train_len+1)``; ``val`` and ``test``: documents ``(n_eval_docs, max_len+1)``.
+
+    One Markov chain for all three (one ``zipf_markov`` call, so one language); copy spans go in after
+    the training text is cut into rows, so a training row holds every copy's source, while evaluation
+    documents copy from up to ``max_len`` tokens back: reading far back is what a longer context buys.
+    """
+    doc = cfg.max_len + 1
+    n_docs = cfg.train_docs + 2 * n_eval_docs
+    text = zipf_markov(n_docs * doc, vocab_size=cfg.vocab_size - 1, branching=cfg.branching, noise=cfg.noise,
+                       skip=cfg.skip, doc_len=doc, seed=cfg.corpus_seed).view(n_docs, doc)
+    rows = text[:cfg.train_docs].reshape(-1)
+    rows = rows[:rows.numel() // (cfg.train_len + 1) * (cfg.train_len + 1)].view(-1, cfg.train_len + 1)
+    copies = dict(copy_prob=cfg.copy_prob, copy_len=cfg.copy_len)
+    evals = insert_copy_spans(text[cfg.train_docs:], seed=cfg.corpus_seed + 2, **copies)
+    return {"train": insert_copy_spans(rows, seed=cfg.corpus_seed + 1, **copies),
+            "val": evals[:n_eval_docs], "test": evals[n_eval_docs:]}
+
+
+def training_batches(cfg: ShortLMConfig, rows: torch.Tensor, seq_len: int, *, batch_size: int | None = None,
+                     seed: int = 0, pool: int = 2048) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """``batches(step) -> (x, y)``, each ``(batch, seq_len)``: training rows (concatenated when
+    ``seq_len`` is longer than a row), the first ``passkey_frac`` of them replaced by passkey samples
+    (haystack from the training rows, random depth) from a fixed pool. Depends only on (seed, step)."""
+    B = batch_size or cfg.batch_size
+    n_pk = int(round(cfg.passkey_frac * B))
+    per = seq_len + 1
+    joined = rows.reshape(-1)
+    seqs = joined[:joined.numel() // per * per].view(-1, per)  # whole rows when seq_len = train_len
+    gen = torch.Generator().manual_seed(seed)
+    depths = torch.rand(16, generator=gen).tolist()
+    pk = torch.cat([passkey_samples(joined, max(1, pool // 16), per, d, vocab_size=cfg.vocab_size,
+                                    key_len=cfg.key_len, seed=10_000 + 97 * seed + j) for j, d in enumerate(depths)])
+
+    def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        batch = seqs[torch.randint(0, len(seqs), (B,), generator=g)]
+        if n_pk:
+            batch[:n_pk] = pk[torch.randint(0, len(pk), (n_pk,), generator=g)]
+        return batch[:, :-1], batch[:, 1:]
+
+    return batches
+
+
+def train_short_lm(model: TinyLM, cfg: ShortLMConfig, *, seed: int = 0) -> dict:
+    """Train ``model`` in place at ``cfg.train_len`` with plain RoPE; returns metadata for the zoo."""
+    from companion.train import train
+
+    data = corpus(cfg)
+    hist = train(model, training_batches(cfg, data["train"], cfg.train_len, seed=seed), steps=cfg.steps,
+                 lr=cfg.lr, desc=f"short LM (L={cfg.train_len})")
+    return {"train_loss": float(np.mean(hist.loss[-20:])), "steps": cfg.steps, "train_len": cfg.train_len}
+
+
+def register_short_lm(name: str, cfg: ShortLMConfig, *, version: str = "1") -> None:
+    """Register a zoo recipe: ``zoo.load(name)`` trains a :func:`population_model` with ``cfg``."""
+    from companion import zoo
+
+    zoo.register(name, version=version, skeleton=lambda: population_model(cfg.model_config()),
+                 description=f"{cfg.n_layers}-layer RoPE LM (d={cfg.d_model}, head dim {cfg.head_dim}) trained at "
+                             f"{cfg.train_len} tokens on copy-span text and passkeys")(
+        lambda model: train_short_lm(model, cfg))
+
+
+# The shared recipes: a model trained at 128 tokens, and a smaller one a cold smoke run can afford.
+SHORT_LM = {"full": ShortLMConfig(),
+            "smoke": ShortLMConfig(d_model=64, n_heads=2, steps=60, batch_size=8, train_docs=60)}
+SHORT_LM_NAMES = {"full": "short-rope-lm", "smoke": "short-rope-lm-smoke"}
+for _mode, _cfg in SHORT_LM.items():
+    register_short_lm(SHORT_LM_NAMES[_mode], _cfg)
+
+
+def load_short_lm(smoke: bool) -> tuple[TinyLM, ShortLMConfig]:
+    """The zoo model for the run mode (trained on first use, then cached) and its config."""
+    from companion import zoo
+
+    mode = "smoke" if smoke else "full"
+    return zoo.load(SHORT_LM_NAMES[mode]), SHORT_LM[mode]

@@ -57,17 +57,6 @@ def test_population_outside_the_block_is_plain_attention(tiny):
     torch.testing.assert_close(tiny(x).logits, plain(x).logits, rtol=0, atol=0)
 
 
-def test_insert_copies_repeats_earlier_spans():
-    docs = torch.arange(2 * 64).view(2, 64)  # all tokens distinct: a copy is easy to trace
-    out = lc.insert_copies(docs, prob=1.0, length=8, seed=0)
-    assert torch.equal(out[:, :16], docs[:, :16])
-    for row in out:
-        for t in range(16, 64, 8):
-            earlier = [row[s:s + 8] for s in range(t - 7)]  # later slots never write before t
-            assert any(torch.equal(row[t:t + 8], e) for e in earlier)
-    assert torch.equal(lc.insert_copies(docs, prob=0.0, length=8, seed=0), docs)
-
-
 def test_passkey_layout():
     filler = torch.randint(0, 49, (500,))
     tok = lc.passkey_samples(filler, 5, 40, 0.5, vocab_size=50, key_len=3, seed=1)
@@ -80,19 +69,39 @@ def test_passkey_layout():
 
 
 
-def test_markov_text_skip_bigram_structure():
-    """skip=1: token t is always a successor of token t-2 (noise 0), so (t-2, t) pairs repeat a lot."""
-    docs = lc.markov_text(64, 40, vocab_size=50, branching=2, noise=0.0, skip=1.0, seed=0)
-    pairs = {(int(a), int(b)) for row in docs for a, b in zip(row[:-2], row[2:])}
-    assert len(pairs) <= 2 * 50  # at most `branching` successors per token
-    assert torch.equal(docs, lc.markov_text(64, 40, vocab_size=50, branching=2, noise=0.0, skip=1.0, seed=0))
+def test_short_lm_corpus_shapes_and_copies():
+    """Training rows are train_len + 1 long, evaluation documents max_len + 1; held-out docs differ from val."""
+    cfg = lc.ShortLMConfig(train_len=32, max_len=128, train_docs=8, copy_prob=1 / 16, copy_len=16)  # every slot
+    data = lc.corpus(cfg, n_eval_docs=3)
+    assert data["train"].shape[1] == 33 and data["val"].shape == data["test"].shape == (3, 129)
+    assert not torch.equal(data["val"], data["test"])
+    assert int(data["train"].max()) < cfg.vocab_size - 1  # the passkey marker never occurs in text
+    doc = data["val"][0]
+    for t in range(32, 113, 16):  # every slot from 2·copy_len on repeats an earlier span of its document
+        assert any(torch.equal(doc[t:t + 16], doc[s:s + 16]) for s in range(t - 15))
+
+
+def test_training_batches_mix_in_passkeys_and_are_deterministic():
+    cfg = lc.ShortLMConfig(train_len=32, max_len=128, train_docs=8, batch_size=8, passkey_frac=0.25)
+    rows = lc.corpus(cfg, n_eval_docs=1)["train"]
+    batches = lc.training_batches(cfg, rows, 32, seed=0, pool=32)
+    x, y = batches(5)
+    assert x.shape == y.shape == (8, 32) and torch.equal(x[:, 1:], y[:, :-1])
+    assert ((x[:2] == cfg.vocab_size - 1).sum(1) >= 1).all()  # the first quarter are passkey samples
+    assert not (x[2:] == cfg.vocab_size - 1).any()
+    assert torch.equal(batches(5)[0], x) and not torch.equal(batches(6)[0], x)
+
+
+def test_short_lm_recipes_are_registered():
+    from companion import zoo
+
+    assert set(lc.SHORT_LM_NAMES.values()) <= set(zoo.names())
+    assert lc.SHORT_LM["full"].head_dim == 32 and lc.SHORT_LM["full"].train_len == 128
 
 
 @pytest.mark.parametrize("call, match", [
     (lambda: lc.passkey_samples(torch.arange(100), 2, 8, 0.5, vocab_size=50, key_len=3, seed=0), "length"),
     (lambda: lc.passkey_samples(torch.arange(10), 2, 40, 0.5, vocab_size=50, key_len=3, seed=0), "filler"),
-    (lambda: lc.markov_text(2, 40, vocab_size=50, skip=1.5), "skip"),
-    (lambda: lc.insert_copies(torch.zeros(2, 8, dtype=torch.long), prob=2.0, length=2, seed=0), "prob"),
     (lambda: lc.population_nll(None, torch.zeros(3, dtype=torch.long), []), "docs"),
 ])
 def test_bad_input_names_the_argument(call, match):

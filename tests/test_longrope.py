@@ -136,7 +136,8 @@ def test_other_figures_draw_their_inputs():
     table, lengths = _table()
     scalings = {m: table[(m, 4)]["scaling"] for m in lr.METHODS}
     assert len(lr.lambda_figure(scalings).data) == 5
-    assert len(lr.ppl_figure(lengths, {m: table[(m, 4)]["ppl"] for m in lr.METHODS}, train_len=128, title="t").data) == 5
+    curves = {m: table[(m, 4)]["ppl"] for m in lr.METHODS}
+    assert len(lr.ppl_figure(lengths, curves, train_len=128, title="t").data) == 5
     grids = {m: np.full((2, 3), 0.5) for m in ("pi", "longrope")}
     fig = lr.passkey_figure(grids, [128, 256], [0.0, 0.5, 1.0])
     assert len(fig.data) == 2 and np.allclose(np.asarray(fig.data[0].z), 0.5)

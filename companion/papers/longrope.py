@@ -8,8 +8,9 @@ extends progressively (search, fine-tune briefly at the searched length, search 
 fine-tuned model for a larger factor) and keeps separately searched short-context factors for
 inputs no longer than the training length.
 
-This module holds the search space and the genetic algorithm, the toy model and its data (a
-zoo recipe), the progressive schedule and the figures. Each generation is scored in one folded
+This module holds the search space and the genetic algorithm, the progressive schedule and the
+figures. The toy model (a zoo recipe trained at 128 tokens, shared with other long-context
+notebooks) and its data live in ``companion.long_context``. Each generation is scored in one folded
 forward through ``kernels/rope.py`` (see ``companion.long_context`` for why and how).
 
 Official code read for details (cited where used): microsoft/LongRoPE
@@ -30,8 +31,9 @@ import numpy as np
 import torch
 
 from companion.long_context import (  # noqa: F401 (re-exported: the notebook reaches them as lr.*)
-    insert_copies,
-    markov_text,
+    ShortLMConfig,
+    corpus,
+    load_short_lm,
     passkey_grid,
     passkey_samples,
     perplexity_curves,
@@ -39,8 +41,9 @@ from companion.long_context import (  # noqa: F401 (re-exported: the notebook re
     population_nll,
     population_passkey,
     reference_nll,
+    training_batches,
 )
-from companion.model import ModelConfig, TinyLM
+from companion.model import TinyLM
 from companion.rope_scaling import (  # noqa: F401 (re-exported)
     Scaling,
     baseline,
@@ -270,120 +273,6 @@ def evolve(score: ScoreFn, space: SearchSpace, seeds: Sequence[Scaling], *, popu
 
 
 # ----------------------------------------------------------------------------------------------
-# The toy: a RoPE LM trained at a short length on text with long-range structure
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LMConfig:
-    """The zoo model and its data. Text: Zipf–Markov documents with copy spans (a span repeats an
-    earlier span of the same document, at any distance), mixed with passkey samples."""
-
-    vocab_size: int = 512  # token vocab_size - 1 is the passkey marker; text uses the others
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4  # head dim 32: 16 frequencies, 16 λ's
-    rope_base: float = 10000.0
-    train_len: int = 128
-    max_len: int = 1024  # documents are this long (+1 target), the longest evaluation (8×)
-    branching: int = 16
-    noise: float = 0.1
-    skip: float = 0.5
-    copy_prob: float = 0.5  # per slot of copy_len tokens
-    copy_len: int = 16
-    passkey_frac: float = 0.25  # share of each training batch that is a passkey sample
-    key_len: int = 4
-    train_docs: int = 2000
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 3e-3
-    corpus_seed: int = 1
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
-                           n_heads=self.n_heads, rope_base=self.rope_base)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-
-def corpus(cfg: LMConfig, n_eval_docs: int = 64) -> dict[str, torch.Tensor]:
-    """``train``: rows ``(n, train_len+1)``; ``val`` (search fitness) and ``test`` (held-out): documents
-    ``(n_eval_docs, max_len+1)``. One Markov chain (:func:`markov_text`), then copy spans per row."""
-    doc = cfg.max_len + 1
-    n_docs = cfg.train_docs + 2 * n_eval_docs
-    text = markov_text(n_docs, doc, vocab_size=cfg.vocab_size - 1, branching=cfg.branching, noise=cfg.noise,
-                       skip=cfg.skip, seed=cfg.corpus_seed)
-    rows = text[:cfg.train_docs].reshape(-1)
-    rows = rows[:rows.numel() // (cfg.train_len + 1) * (cfg.train_len + 1)].view(-1, cfg.train_len + 1)
-    copies = dict(prob=cfg.copy_prob, length=cfg.copy_len)
-    evals = insert_copies(text[cfg.train_docs:], seed=cfg.corpus_seed + 2, **copies)
-    return {"train": insert_copies(rows, seed=cfg.corpus_seed + 1, **copies),
-            "val": evals[:n_eval_docs], "test": evals[n_eval_docs:]}
-
-
-def training_batches(cfg: LMConfig, rows: torch.Tensor, seq_len: int, *, batch_size: int | None = None,
-                     seed: int = 0, pool: int = 2048) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
-    """``batches(step) -> (x, y)``, each ``(batch, seq_len)``: training rows (concatenated when
-    ``seq_len`` is longer than a row), the first ``passkey_frac`` of them replaced by passkey samples
-    (haystack from the training rows, random depth) from a fixed pool. Depends only on (seed, step)."""
-    B = batch_size or cfg.batch_size
-    n_pk = int(round(cfg.passkey_frac * B))
-    per = seq_len + 1
-    joined = rows.reshape(-1)
-    seqs = joined[:joined.numel() // per * per].view(-1, per)  # whole rows when seq_len = train_len
-    filler = rows.reshape(-1)
-    gen = torch.Generator().manual_seed(seed)
-    depths = torch.rand(16, generator=gen).tolist()
-    pk = torch.cat([passkey_samples(filler, max(1, pool // 16), per, d, vocab_size=cfg.vocab_size,
-                                    key_len=cfg.key_len, seed=10_000 + 97 * seed + j) for j, d in enumerate(depths)])
-
-    def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        batch = seqs[torch.randint(0, len(seqs), (B,), generator=g)]
-        if n_pk:
-            batch[:n_pk] = pk[torch.randint(0, len(pk), (n_pk,), generator=g)]
-        return batch[:, :-1], batch[:, 1:]
-
-    return batches
-
-
-def train_lm(model: TinyLM, cfg: LMConfig, *, seed: int = 0) -> dict:
-    """Train ``model`` in place at ``cfg.train_len`` with plain RoPE; returns metadata for the zoo."""
-    from companion.train import train
-
-    data = corpus(cfg)
-    hist = train(model, training_batches(cfg, data["train"], cfg.train_len, seed=seed), steps=cfg.steps,
-                 lr=cfg.lr, desc="longrope LM")
-    return {"train_loss": float(np.mean(hist.loss[-20:])), "steps": cfg.steps}
-
-
-# The two zoo models: the notebook's full run and a smaller one that a cold smoke run can afford.
-FULL_LM = LMConfig()
-SMOKE_LM = LMConfig(d_model=64, n_heads=2, steps=60, batch_size=8, train_docs=60)
-ZOO_NAMES = {"full": "longrope-lm", "smoke": "longrope-lm-smoke"}
-
-
-def _register_zoo() -> None:
-    from companion import zoo
-
-    for mode, cfg in (("full", FULL_LM), ("smoke", SMOKE_LM)):
-        zoo.register(ZOO_NAMES[mode], version="1", skeleton=lambda cfg=cfg: population_model(cfg.model_config()),
-                     description=f"{cfg.n_layers}-layer RoPE LM (d={cfg.d_model}, head dim {cfg.head_dim}) "
-                                 f"trained at {cfg.train_len} tokens on copy-span text and passkeys")(
-            lambda model, cfg=cfg: train_lm(model, cfg))
-
-
-_register_zoo()
-
-
-def load_lm(smoke: bool) -> tuple[TinyLM, LMConfig]:
-    """The zoo model for the run mode (built on first use) and its config."""
-    from companion import zoo
-
-    return zoo.load(ZOO_NAMES["smoke" if smoke else "full"]), SMOKE_LM if smoke else FULL_LM
-
-
-# ----------------------------------------------------------------------------------------------
 # Searching, fine-tuning and evaluating the toy
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -400,13 +289,13 @@ class GAConfig:
     n_docs: int = 8  # validation documents in the fitness
 
 
-def baseline_seeds(cfg: LMConfig, scale: float) -> list[Scaling]:
+def baseline_seeds(cfg: ShortLMConfig, scale: float) -> list[Scaling]:
     """The paper's initial population: PI, NTK-aware and YaRN at ``scale``."""
     return [baseline(m, scale, head_dim=cfg.head_dim, base=cfg.rope_base, original_length=cfg.train_len)
             for m in ("pi", "ntk", "yarn")]
 
 
-def search(model: TinyLM, cfg: LMConfig, scale: float, val_docs: torch.Tensor, ga: GAConfig, *,
+def search(model: TinyLM, cfg: ShortLMConfig, scale: float, val_docs: torch.Tensor, ga: GAConfig, *,
            seeds: Sequence[Scaling] | None = None, length: int | None = None, mscale: float | None = None,
            seed: int = 0, backend: str = "auto") -> SearchResult:
     """Search λ (≤ 1.25·``scale``) and n̂ for inputs of ``length`` tokens (default ``scale·train_len``).
@@ -430,7 +319,7 @@ def search(model: TinyLM, cfg: LMConfig, scale: float, val_docs: torch.Tensor, g
                   seed=seed)
 
 
-def fine_tune(model: TinyLM, cfg: LMConfig, scaling: Scaling, train_stream: torch.Tensor, *, length: int,
+def fine_tune(model: TinyLM, cfg: ShortLMConfig, scaling: Scaling, train_stream: torch.Tensor, *, length: int,
               steps: int, lr: float, seed: int = 0) -> TinyLM:
     """A copy of ``model`` trained ``steps`` more steps on ``length``-token inputs under ``scaling``.
 
