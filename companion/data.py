@@ -47,6 +47,7 @@ def zipf_markov(
     doc_len: int = 512,
     copy_prob: float = 0.0,
     copy_len: int = 16,
+    skip: float = 0.0,
     seed: int = 0,
 ) -> torch.Tensor:
     """A ``(n_tokens,)`` int64 stream of documents of ``doc_len`` tokens, concatenated.
@@ -58,6 +59,11 @@ def zipf_markov(
     probability, a span of ``copy_len`` tokens copied from earlier in the same document (a
     long-range dependency an induction head can learn).
 
+    With ``skip`` > 0 the chain is second order: with probability ``skip`` the next token follows
+    the token *two* back, through a second successor table of the same kind. A model then needs a
+    head that attends at distance 2, a pattern carried by the fast RoPE dims (the ones that
+    Position Interpolation blurs). ``skip = 0`` draws exactly the stream it always did.
+
     Documents are generated in parallel (one chain per document), so 2M tokens take ~1 s.
     """
     _check_positive_int("n_tokens", n_tokens)
@@ -68,12 +74,16 @@ def zipf_markov(
         raise ValueError(f"noise must be in [0, 1], got {noise}")
     if not 0 <= copy_prob < 1:
         raise ValueError(f"copy_prob must be in [0, 1), got {copy_prob}")
+    if not 0 <= skip <= 1:
+        raise ValueError(f"skip must be in [0, 1], got {skip}")
     rng = np.random.default_rng(seed)
     unigram_cdf = np.cumsum(zipf_probs(vocab_size, exponent))
     draw = lambda n: np.minimum(np.searchsorted(unigram_cdf, rng.random(n)), vocab_size - 1)
     successors = draw(vocab_size * branching).reshape(vocab_size, branching)
     rank_cdf = np.cumsum(1.0 / np.arange(1, branching + 1))
     rank_cdf /= rank_cdf[-1]
+    # Second-order table, drawn only when used, so that skip = 0 keeps the original random stream.
+    skip_successors = draw(vocab_size * branching).reshape(vocab_size, branching) if skip > 0 else None
 
     n_docs = -(-n_tokens // doc_len)
     docs = np.empty((n_docs, doc_len), dtype=np.int64)
@@ -81,12 +91,32 @@ def zipf_markov(
     for t in range(1, doc_len):
         k = np.minimum(np.searchsorted(rank_cdf, rng.random(n_docs)), branching - 1)
         nxt = successors[docs[:, t - 1], k]
+        if skip_successors is not None and t >= 2:
+            two_back = rng.random(n_docs) < skip
+            nxt = np.where(two_back, skip_successors[docs[:, t - 2], k], nxt)
         fresh = rng.random(n_docs) < noise
         nxt[fresh] = draw(int(fresh.sum()))
         docs[:, t] = nxt
     if copy_prob > 0:
         _insert_copy_spans(docs, rng, copy_prob, copy_len)
     return torch.from_numpy(docs.reshape(-1)[:n_tokens].copy())
+
+
+def insert_copy_spans(docs: torch.Tensor, *, copy_prob: float, copy_len: int, seed: int) -> torch.Tensor:
+    """A copy of the documents ``docs (N, T)`` with copy spans, by the rule of ``zipf_markov(copy_prob=…)``.
+
+    For corpora cut into rows *before* the copies go in: e.g. training rows of L + 1 tokens, so every
+    copy's source lies inside its row, while long evaluation documents copy from far back.
+    """
+    _check_positive_int("copy_len", copy_len)
+    if docs.ndim != 2:
+        raise ValueError(f"docs must be (N, T) token ids, got shape {tuple(docs.shape)}")
+    if not 0 <= copy_prob < 1:
+        raise ValueError(f"copy_prob must be in [0, 1), got {copy_prob}")
+    out = docs.numpy().astype(np.int64, copy=True)
+    if copy_prob > 0:
+        _insert_copy_spans(out, np.random.default_rng(seed), copy_prob, copy_len)
+    return torch.from_numpy(out)
 
 
 def _insert_copy_spans(docs: np.ndarray, rng: np.random.Generator, prob: float, length: int) -> None:

@@ -370,3 +370,44 @@ def test_passkey_text_rejects_bad_arguments():
         passkey_text(0, depth=0.5)
     with pytest.raises(ValueError, match="depth"):
         passkey_text(3, depth=1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# zipf_markov(skip=...) and insert_copy_spans (added for the long-context zoo LM)
+# ----------------------------------------------------------------------------------------------
+def test_skip_makes_the_chain_second_order():
+    """skip=1, noise=0: token t is always a listed successor of token t-2 (in a second table)."""
+    doc_len, branching = 40, 2
+    x = zipf_markov(doc_len * 64, vocab_size=50, branching=branching, noise=0.0, skip=1.0, doc_len=doc_len, seed=0)
+    docs = x.view(-1, doc_len)
+    two_back: dict[int, set[int]] = {}
+    for row in docs.tolist():
+        for a, b in zip(row[:-2], row[2:]):
+            two_back.setdefault(a, set()).add(b)
+    assert max(len(s) for s in two_back.values()) <= branching
+    assert torch.equal(x, zipf_markov(doc_len * 64, vocab_size=50, branching=branching, noise=0.0, skip=1.0,
+                                      doc_len=doc_len, seed=0))
+    assert not torch.equal(x, zipf_markov(doc_len * 64, vocab_size=50, branching=branching, noise=0.0,
+                                          doc_len=doc_len, seed=0))
+
+
+def test_insert_copy_spans_fills_every_slot_when_saturated_and_is_a_no_op_at_zero():
+    docs = torch.arange(2 * 64).view(2, 64)  # all tokens distinct: a copy is easy to trace
+    out = data.insert_copy_spans(docs, copy_prob=1 / 8, copy_len=8, seed=0)  # 1/8 · 8 = 1: every slot
+    assert torch.equal(out[:, :16], docs[:, :16]) and not torch.equal(out, docs)
+    for row in out:
+        for t in range(16, 64, 8):
+            assert any(torch.equal(row[t:t + 8], row[s:s + 8]) for s in range(t - 7))
+    assert torch.equal(data.insert_copy_spans(docs, copy_prob=0.0, copy_len=8, seed=0), docs)
+    assert torch.equal(docs, torch.arange(2 * 64).view(2, 64))  # the input is not modified
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: zipf_markov(100, skip=1.5), "skip"),
+    (lambda: data.insert_copy_spans(torch.zeros(2, 8, dtype=torch.long), copy_prob=1.0, copy_len=2, seed=0),
+     "copy_prob"),
+    (lambda: data.insert_copy_spans(torch.zeros(8, dtype=torch.long), copy_prob=0.1, copy_len=2, seed=0), "docs"),
+])
+def test_skip_and_copy_spans_reject_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
