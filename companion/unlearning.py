@@ -791,9 +791,7 @@ def unlearn(base: nn.Module, method: str, forget_pairs: Sequence, retain_pairs: 
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0; got {cfg}")
     model = copy.deepcopy(base)
-    reference = base.eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
+    reference = base.eval()  # only ever called under torch.no_grad (see unlearning_loss)
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)

@@ -233,6 +233,7 @@ def test_unlearn_leaves_the_base_model_alone_and_shares_retain_batches(bench, ti
     runs = {m: U.unlearn(base, m, forget, retain, bench.eos, cfg, evaluate_fn=lambda m: calls.append(1) or None)
             for m in ("ga_gdr", "relearn_klr_gdr")}
     assert all(torch.equal(a, b) for a, b in zip(before, base.parameters()))
+    assert all(p.requires_grad for p in base.parameters())  # the caller's model is not frozen behind its back
     assert sorted(runs["ga_gdr"].checkpoints) == [0, 2, 3] and len(calls) == 6
     # same retain batch at step 1 for both methods: identical retain CE before any update diverges
     assert runs["ga_gdr"].logs[0]["retain_ce"] == runs["relearn_klr_gdr"].logs[0]["retain_ce"]

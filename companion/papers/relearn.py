@@ -277,7 +277,7 @@ def npo_first_step_matches_ga(bench: U.Benchmark, model: nn.Module, *, n: int = 
     the summed NLL (batch mean), in float64. NPO's weights w_i are all exactly 1 there."""
     import copy
 
-    model = copy.deepcopy(model).double()
+    model = copy.deepcopy(model).double().requires_grad_(True)
     x, y = U.make_batch(bench.pairs(bench.qas(bench.forget)[:n]), bench.eos)
     grads = []
     for kind in ("npo", "ga_summed"):
