@@ -1,9 +1,11 @@
-"""The catalogue and the README's paper table: ``python -m ci.catalogue [--check | --write]``.
+"""The catalogue and the README's generated blocks: ``python -m ci.catalogue [--check | --write]``.
 
 ``notebooks/catalogue.toml`` is the source of truth. This module validates it (schema, unique
 slugs, known tracks, existing seed files, notebooks present for rows marked ``notebook`` or
 ``card``) and renders the README's "Choose a notebook" table between the markers
-``<!-- papers:start -->`` and ``<!-- papers:end -->``. ``--check`` fails if the README differs
+``<!-- papers:start -->`` and ``<!-- papers:end -->``. It also renders the "Reproduction
+scoreboard" block (between ``<!-- scoreboard:start -->`` and
+``<!-- scoreboard:end -->``) from ``data/scoreboard.json``. ``--check`` fails if the README differs
 from what it would write; ``--write`` rewrites that block. The "claims held" column comes from
 ``data/scoreboard.json`` (written by ``make book``) when it exists.
 """
@@ -24,6 +26,7 @@ README = REPO_ROOT / "README.md"
 SCOREBOARD = REPO_ROOT / "data" / "scoreboard.json"
 SEEDS_DIR = REPO_ROOT.parent / "shared" / "seeds"
 START, END = "<!-- papers:start -->", "<!-- papers:end -->"
+SB_START, SB_END = "<!-- scoreboard:start -->", "<!-- scoreboard:end -->"
 
 PAPER_FIELDS = {"slug": str, "title": str, "authors": str, "arxiv": str, "year": int, "track": str,
                 "seeds": list, "status": str, "feasibility": str, "wave": int, "kernels": list,
@@ -114,12 +117,40 @@ def render_table(cat: dict, scores: dict[str, str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def replace_block(readme: str, table: str) -> str:
-    if START not in readme or END not in readme:
-        raise ValueError(f"README.md lacks the markers {START} ... {END}")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table}\n{END}{tail}"
+def _note(nb: dict) -> str:
+    misses = [c for c in nb["claims"] if c["status"] in ("not held", "known miss")]
+    skipped = sum(c["status"] == "skipped" for c in nb["claims"])
+    if nb["status"] in ("failed", "timeout"):
+        return f"the notebook {nb['status']}"
+    if not misses:
+        note = "all tested claims held"
+    else:
+        note = "; ".join(f"{c['status']}: {c['name']}" + (f" ({c['known_miss']})" if c.get("known_miss") else "")
+                         for c in misses)
+    return note + (f"; {skipped} full-only claim(s) not run" if skipped else "")
+
+
+def render_scoreboard(path: Path = SCOREBOARD) -> str:
+    """The README's "Reproduction scoreboard" block, from data/scoreboard.json."""
+    if not path.exists():
+        return "No full run recorded yet: run `make book` to produce `data/scoreboard.json`."
+    board = json.loads(path.read_text())
+    lines = [f"From `data/scoreboard.json`: {board['mode']} run of {board['generated']} at commit "
+             f"`{board['commit']}`. Every row of that file gives the paper's value, ours, and whether it held.", "",
+             "| notebook | claims held | run time | note |", "|---|---|---|---|"]
+    for nb in board["notebooks"]:
+        note = _note(nb).replace("|", "\\|")
+        lines.append(f"| [{nb['slug']}](notebooks/{nb['slug']}.ipynb) | {nb['held']}/{nb['tested']} | "
+                     f"{nb['seconds']:.0f} s | {note} |")
+    return "\n".join(lines)
+
+
+def replace_block(readme: str, table: str, start: str = START, end: str = END) -> str:
+    if start not in readme or end not in readme:
+        raise ValueError(f"README.md lacks the markers {start} ... {end}")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{table}\n{end}{tail}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"catalogue: {p}")
     readme = README.read_text()
     wanted = replace_block(readme, render_table(cat))
+    wanted = replace_block(wanted, render_scoreboard(), SB_START, SB_END)
     if args.write:
         README.write_text(wanted)
         print("ci.catalogue: README table written")
     elif wanted != readme:
-        print("ci.catalogue: README.md's paper table is out of date; run `python -m ci.catalogue --write`")
+        print("ci.catalogue: README.md's paper table or scoreboard is out of date (catalogue.toml or "
+              "data/scoreboard.json changed); run `python -m ci.catalogue --write`")
         return 1
     if problems:
         return 1

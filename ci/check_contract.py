@@ -16,6 +16,9 @@ What a program can check, clause by clause (the numbers follow DESIGN.md):
    relative to the working directory;
 8. committed without outputs or execution counts, with a ``python3`` kernelspec.
 
+9. Binder/Colab: the title cell links "Open in Colab" for this notebook, and the first code cell
+   installs the companion library only when it is missing (``--fix-colab`` writes both).
+
 Also: every notebook has a catalogue row whose status is ``notebook`` or ``card``, and every such
 row has a notebook. Reading cards (status ``card``) are exempt from 3's module and 4 is required.
 Run-time clauses (the 60 s / 10 min budgets, determinism) are checked by ``ci.run_notebooks``.
@@ -38,6 +41,32 @@ NETWORK_PATTERNS = [r"\brequests\b", r"\burllib\b", r"\bwget\b", r"\bcurl\b", r"
                     r"load_dataset", r"hf_hub", r"torch\.hub", r"https?://(?!arxiv\.org|github\.com)"]
 PLOT_LIBS = re.compile(r"^\s*(import|from)\s+(matplotlib|seaborn|bokeh|altair)\b", re.M)
 MAX_GLUE_FUNCTION_LINES = 25
+
+
+def repository_url(repo: Path = REPO_ROOT) -> str:
+    return tomllib.loads((repo / "pyproject.toml").read_text())["project"]["urls"]["Repository"].rstrip("/")
+
+
+def colab_url(slug: str, repo: Path = REPO_ROOT) -> str:
+    owner_repo = repository_url(repo).removeprefix("https://github.com/")
+    return f"https://colab.research.google.com/github/{owner_repo}/blob/main/notebooks/{slug}.ipynb"
+
+
+def colab_badge(slug: str, repo: Path = REPO_ROOT) -> str:
+    return (f"[![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(slug, repo)})")
+
+
+def install_cell_source(repo: Path = REPO_ROOT) -> str:
+    return (
+        "# On Colab or a fresh kernel, install the companion library (a no-op under `make lab`).\n"
+        "import importlib.util\n"
+        "import subprocess\n"
+        "import sys\n"
+        "\n"
+        'if importlib.util.find_spec("companion") is None:\n'
+        f'    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+{repository_url(repo)}.git"],\n'
+        "                   check=True)"
+    )
 
 
 def load_catalogue(path: Path = NOTEBOOK_DIR / "catalogue.toml") -> dict[str, dict]:
@@ -105,6 +134,8 @@ def check_notebook(path: Path, catalogue: dict[str, dict], repo: Path = REPO_ROO
             surname = next((w for w in reversed(first_author[:3]) if w and w[0].isupper()), None)
             if surname and surname not in title:
                 bad(f"the title cell must name the authors (expected to see {surname!r})")
+        if colab_url(slug, repo) not in title:
+            bad(f"the title cell must link Open in Colab: {colab_url(slug, repo)} (run --fix-colab)")
         m = re.search(r"what you will see[^\n]*\n((?:\s*[-*\d].*\n?)+)", title, re.I)
         items = [ln for ln in (m.group(1).splitlines() if m else []) if re.match(r"\s*([-*]|\d+\.)\s", ln)]
         if not 3 <= len(items) <= 5:
@@ -125,6 +156,10 @@ def check_notebook(path: Path, catalogue: dict[str, dict], repo: Path = REPO_ROO
             node = assigns.get(name)
             if not (isinstance(node, ast.Constant) and node.value == want and type(node.value) is type(want)):
                 bad(f"parameters cell must assign {name} = {want!r}")
+
+    if not code_cells or 'find_spec("companion")' not in _src(code_cells[0]) \
+            or repository_url(repo) not in _src(code_cells[0]):
+        bad("the first code cell must install the companion only when missing (run --fix-colab)")
 
     code = "\n".join(_strip_magics(_src(c)) for c in code_cells)
     markdown = "\n".join(_src(c) for c in md_cells)
@@ -187,7 +222,7 @@ def check_notebook(path: Path, catalogue: dict[str, dict], repo: Path = REPO_ROO
     if not re.search(r"companion\.setup\(\s*seed\s*=\s*SEED\s*,\s*smoke\s*=\s*SMOKE\s*,\s*device\s*=\s*DEVICE", code):
         bad("call companion.setup(seed=SEED, smoke=SMOKE, device=DEVICE) before the experiment")
     for pat in NETWORK_PATTERNS:
-        if re.search(pat, code):
+        if re.search(pat, code.replace(install_cell_source(repo), "")):
             bad(f"possible network access in code ({pat}); generate data instead")
     if re.search(r"""["'](\.\./|\./|data/|notebooks/)""", code):
         bad("relative path literal in code; take paths from companion.paths")
@@ -203,8 +238,37 @@ def check_all(notebook_dir: Path = NOTEBOOK_DIR, repo: Path = REPO_ROOT) -> dict
     return report
 
 
+def fix_colab(path: Path, repo: Path = REPO_ROOT) -> bool:
+    """Insert or refresh the Colab badge and the install cell. Returns True if the file changed."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    before = nbformat.writes(nb)
+    title = nb.cells[0]
+    lines = [ln for ln in title.source.splitlines() if "colab.research.google.com" not in ln]
+    head, rest = (lines[:1], lines[1:]) if lines and lines[0].startswith("# ") else ([], lines)
+    while rest and not rest[0].strip():  # drop the blank lines around the old badge
+        rest.pop(0)
+    title.source = "\n".join(head + ["", colab_badge(path.stem, repo), ""] + rest)
+    first_code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    if 'find_spec("companion")' in nb.cells[first_code].source:
+        nb.cells[first_code].source = install_cell_source(repo)
+    else:
+        nb.cells.insert(first_code, nbformat.v4.new_code_cell(install_cell_source(repo)))
+    after = nbformat.writes(nb)
+    if after != before:
+        path.write_text(after)
+    return after != before
+
+
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fix-colab", action="store_true", help="write the Colab badge and install cell first")
+    args = ap.parse_args(argv)
+    if args.fix_colab:
+        for path in sorted(NOTEBOOK_DIR.glob("*.ipynb")):
+            if fix_colab(path):
+                print(f"fixed Colab badge / install cell in {path.name}")
     report = check_all()
     n_bad = 0
     for slug, problems in report.items():

@@ -120,7 +120,7 @@ def lm_batches(tokens: torch.Tensor, batch_size: int, seq_len: int, *, seed: int
 
     def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=gen)
+        starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=gen)  # last start: N-seq_len-1
         windows = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])
         return windows[:, :-1], windows[:, 1:]
 
@@ -264,6 +264,7 @@ def passkey_tokens(n: int, *, length: int, depth: float, vocab_size: int, key_le
     haystack. A model retrieves by copying the L tokens that followed the first marker.
     """
     _check_positive_int("n", n)
+    _check_positive_int("length", length)
     _check_positive_int("key_len", key_len)
     _check_positive_int("vocab_size", vocab_size, 3)
     if not 0 <= depth <= 1:

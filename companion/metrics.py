@@ -29,7 +29,10 @@ def mean_vector_norm(E: torch.Tensor) -> float:
 def relative_mean_norm(E: torch.Tensor) -> float:
     """‖μ‖ʳ = ‖μ‖ / mean_i ‖e_i‖: 0 for a centred cloud, 1 when every e_i is the same vector."""
     E = _as_matrix(E)
-    return (E.mean(0).norm() / E.norm(dim=1).mean()).item()
+    mean_len = E.norm(dim=1).mean()
+    if mean_len == 0:
+        raise ValueError("relative_mean_norm is undefined for an all-zero E")
+    return (E.mean(0).norm() / mean_len).item()
 
 
 def isotropy(E: torch.Tensor) -> float:
@@ -50,6 +53,8 @@ def norm_frequency_correlation(E: torch.Tensor, frequencies: torch.Tensor) -> fl
     """ρ: Pearson correlation between ‖e_i‖ and token frequency p_i (Adam makes it large)."""
     E = _as_matrix(E)
     p = torch.as_tensor(frequencies, dtype=torch.float64).flatten()
+    if not torch.isfinite(p).all():
+        raise ValueError("frequencies contain NaN or inf")
     if p.shape[0] != E.shape[0]:
         raise ValueError(f"frequencies has {p.shape[0]} entries, expected V={E.shape[0]}")
     norms = E.norm(dim=1)
@@ -63,6 +68,8 @@ def norm_frequency_correlation(E: torch.Tensor, frequencies: torch.Tensor) -> fl
 def condition_ratio(E: torch.Tensor) -> float:
     """σ_min/σ_max of E, in (0, 1]; larger = better conditioned (the paper's κ column, as coded)."""
     s = torch.linalg.svdvals(_as_matrix(E))
+    if s[0] == 0:
+        raise ValueError("condition_ratio is undefined for an all-zero E")
     return (s[-1] / s[0]).item()
 
 

@@ -50,6 +50,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.rope_base, (int, float)) and self.rope_base > 0 and math.isfinite(self.rope_base)):
+            raise ValueError(f"rope_base must be a finite number > 0, got {self.rope_base!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -109,7 +111,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Rotary(nn.Module):
-    """Holds the RoPE settings of a model; papers rescale it with ``set_scaling``."""
+    """Holds the RoPE settings of a model; papers rescale it with ``set_scaling``.
+
+    The scaling is plain attributes, not buffers: it is not part of ``state_dict`` (a checkpoint
+    or zoo model always loads with plain RoPE; set the scaling again after loading)."""
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
@@ -121,9 +126,9 @@ class Rotary(nn.Module):
         """Per-frequency factors λ (head_dim/2,), ≥ 1 to interpolate; None restores plain RoPE."""
         if factors is not None:
             factors = torch.as_tensor(factors, dtype=torch.float64)
-            if factors.shape != (self.head_dim // 2,) or bool((factors <= 0).any()):
-                raise ValueError(f"factors must be {self.head_dim // 2} positive numbers, got {factors}")
-        if start < 0 or mscale <= 0:
+            if factors.shape != (self.head_dim // 2,) or not bool((factors > 0).all() & factors.isfinite().all()):
+                raise ValueError(f"factors must be {self.head_dim // 2} finite positive numbers, got {factors}")
+        if not (start >= 0 and mscale > 0 and math.isfinite(mscale)):
             raise ValueError(f"need start >= 0 and mscale > 0, got start={start}, mscale={mscale}")
         self.factors, self.start, self.mscale = factors, start, mscale
 
@@ -201,6 +206,10 @@ AttentionFactory = Callable[[ModelConfig, int], nn.Module]
 
 
 class TinyLM(nn.Module):
+    """The model. Note: every nn.Linear and nn.Embedding, including those inside a custom
+    attention module built by ``attention``, gets the GPT-2 init here; load or set custom weights
+    after construction."""
+
     def __init__(self, cfg: ModelConfig, attention: AttentionFactory | None = None):
         super().__init__()
         self.cfg = cfg
@@ -264,6 +273,8 @@ class TinyLM(nn.Module):
 
         No KV cache: recomputing the prefix is fine at this size and keeps the model simple.
         """
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         for _ in range(max_new_tokens):
             logits = self(idx).logits[:, -1, :]
             if temperature == 0:

@@ -42,6 +42,9 @@ class BPETokenizer:
             if not (a < len(self.pieces) and b < len(self.pieces)):
                 raise ValueError(f"merge ({a}, {b}) refers to a token that does not exist yet")
             self.pieces.append(self.pieces[a] + self.pieces[b])
+        special_tokens = list(special_tokens)
+        if len(set(special_tokens)) != len(special_tokens):
+            raise ValueError(f"special_tokens must be distinct, got {special_tokens}")
         self.special = {tok: len(self.pieces) + i for i, tok in enumerate(special_tokens)}
         self._special_re = (re.compile("(" + "|".join(map(re.escape, self.special)) + ")")
                             if self.special else None)
@@ -151,8 +154,9 @@ class BPETokenizer:
     @classmethod
     def from_json(cls, text: str) -> BPETokenizer:
         obj = json.loads(text)
-        if obj.get("format") != "lab-bpe-1":
-            raise ValueError(f"not a lab BPE file (format={obj.get('format')!r})")
+        if not isinstance(obj, dict) or obj.get("format") != "lab-bpe-1":
+            raise ValueError(f"not a lab BPE file (got {type(obj).__name__} "
+                             f"{obj.get('format') if isinstance(obj, dict) else ''!r})")
         return cls([tuple(m) for m in obj["merges"]], obj["special_tokens"])
 
     def save(self, path: str | Path) -> None:

@@ -97,6 +97,8 @@ def train(
         raise ValueError(f"lr must be > 0, got {lr}")
     if clip is not None and clip <= 0:
         raise ValueError(f"clip must be > 0 or None, got {clip}")
+    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
+        raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
     warmup = max(1, steps // 20) if warmup is None else warmup
     if not 0 <= warmup <= steps:
         raise ValueError(f"warmup must be in [0, steps={steps}], got {warmup}")
@@ -177,6 +179,8 @@ def evaluate_loss(model: nn.Module, batches: Callable[[int], tuple[torch.Tensor,
 
     Pass a sampler over held-out tokens (e.g. ``lm_batches(val_tokens, ...)``) for a validation loss.
     """
+    if not (isinstance(n_batches, int) and n_batches >= 1):
+        raise ValueError(f"n_batches must be an int >= 1, got {n_batches!r}")
     was_training = model.training
     model.eval()
     losses = [model(*batches(offset + i)).loss.item() for i in range(n_batches)]

@@ -1,10 +1,16 @@
 """``explore(make_fig, **controls)``: the one way notebooks build an interactive figure.
 
 The figure comes from a *pure* function ``make_fig(**params) -> go.Figure``. That keeps the
-interaction testable without a browser (call ``make_fig`` with other values and compare), and it
-keeps headless runs honest: papermill saves no widget state, so the default figure is always
-displayed as an ordinary plotly output, and the controls update that same output in place
-(through an IPython display id) when a person moves them in JupyterLab or VS Code.
+interaction testable without a browser (call ``make_fig`` with other values and compare).
+
+Two display modes:
+
+* **live** (JupyterLab, VS Code): the controls and an ``ipywidgets.Output`` area that holds the
+  figure; moving a control redraws it there. (A plain display-id update does *not* work here:
+  JupyterLab ignores ``update_display_data`` sent from a widget callback, checked in Chromium.)
+* **headless** (``LAB_HEADLESS=1``, set by ``ci.run_notebooks`` and ``ci.book``): papermill saves no
+  widget state, so the default figure is displayed as an ordinary plotly output, with a note
+  naming the controls and their defaults.
 
 Controls may be ipywidgets, or shorthands::
 
@@ -64,8 +70,8 @@ class Explorer:
         self.make_fig = make_fig
         self.controls = controls
         self.status = W.HTML()
+        self.output = W.Output()
         self.figure = self._render()
-        self._handle = None
         for widget in controls.values():
             widget.observe(self._on_change, names="value")
 
@@ -86,8 +92,14 @@ class Explorer:
         except Exception as exc:  # show the error next to the controls instead of losing it
             self.status.value = f"<span style='color:#b00'>make_fig failed: {exc!r}</span>"
             return
-        if self._handle is not None:
-            self._handle.update(self.figure)
+        self._draw()
+
+    def _draw(self) -> None:
+        from IPython.display import display
+
+        with self.output:
+            self.output.clear_output(wait=True)
+            display(self.figure)
 
     def update(self, **params) -> go.Figure:
         """Set controls programmatically (as a person would) and return the new figure."""
@@ -104,9 +116,10 @@ class Explorer:
             names = ", ".join(f"{n} = {w.value!r}" for n, w in self.controls.items())
             display(HTML(f"<p><i>Interactive figure shown at its defaults ({names}). "
                          "Open the notebook in JupyterLab to move the controls.</i></p>"))
+            display(self.figure)
         else:
-            display(W.VBox([W.HBox(list(self.controls.values())), self.status]))
-        self._handle = display(self.figure, display_id=True)
+            display(W.VBox([W.HBox(list(self.controls.values())), self.status, self.output]))
+            self._draw()
 
     def _ipython_display_(self) -> None:
         """Already shown by ``explore``; returning an Explorer as a cell's last value adds nothing."""

@@ -100,7 +100,7 @@ def load(name: str, *, rebuild: bool = False) -> nn.Module:
                          "(a paper's models register when companion.papers.<slug> is imported)")
     recipe = _REGISTRY[name]
     weights, manifest_path, lock = _paths(name)
-    with file_lock(lock):
+    with file_lock(lock), torch.random.fork_rng():  # loading must not change the caller's random stream
         cached = None if rebuild else _try_load(recipe)
         if cached is None:
             print(f"zoo: building {name!r} ({recipe.description or 'no description'}); cached afterwards")
@@ -109,6 +109,10 @@ def load(name: str, *, rebuild: bool = False) -> nn.Module:
             model = recipe.skeleton()
             meta = dict(recipe.fit(model) or {})
             meta["build_seconds"] = round(time.perf_counter() - t0, 2)
+            try:
+                json.dumps(meta)
+            except TypeError as exc:
+                raise ValueError(f"zoo recipe {name!r}: fit() must return JSON-serialisable metadata ({exc})") from exc
             buffer = io.BytesIO()
             torch.save(model.state_dict(), buffer)
             payload = buffer.getvalue()

@@ -43,11 +43,18 @@ def _edit_code(nb, needle, replace):
     raise AssertionError(f"{needle!r} not in any code cell")
 
 
+def _params(nb):
+    return next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+
+
 MUTATIONS = {
-    "outputs": (lambda nb: nb["cells"][2].update(outputs=[{"output_type": "stream", "name": "stdout", "text": "x"}],
+    "outputs": (lambda nb: _params(nb).update(outputs=[{"output_type": "stream", "name": "stdout", "text": "x"}],
                                                  execution_count=1), "without outputs"),
     "smoke default": (lambda nb: _edit_code(nb, "SMOKE = False", "SMOKE = True"), "SMOKE = False"),
-    "no parameters tag": (lambda nb: nb["cells"][1]["metadata"].update(tags=[]), "tagged 'parameters'"),
+    "no parameters tag": (lambda nb: _params(nb)["metadata"].update(tags=[]), "tagged 'parameters'"),
+    "no colab link": (lambda nb: nb["cells"][0].update(source=_src(nb["cells"][0]).replace("colab.research", "x")),
+                      "Open in Colab"),
+    "no install cell": (lambda nb: nb["cells"].pop(1), "install the companion"),
     "no explorer": (lambda nb: _edit_code(nb, "explorer = explore(", "explorer = dict("), "no explorer"),
     "matplotlib": (lambda nb: _edit_code(nb, "import inspect", "import inspect\nimport matplotlib.pyplot as plt"),
                    "plotly only"),
@@ -144,3 +151,29 @@ def test_runner_kills_a_notebook_past_twice_its_budget(tmp_path, monkeypatch):
     _notebook(tmp_path / "sleepy.ipynb", "import time\ntime.sleep(60)")
     (result,) = run_notebooks.run_all([tmp_path / "sleepy.ipynb"], mode="smoke", jobs=1, budget=3, echo=False)
     assert result.status == "timeout" and result.failed and result.seconds < 30
+
+
+def test_readme_scoreboard_renders_every_notebook_and_every_miss(tmp_path):
+    board = {"generated": "2026-01-01", "commit": "abc1234", "mode": "full", "notebooks": [
+        {"slug": "coupled-adam", "status": "ok", "seconds": 300.0, "held": 2, "tested": 3, "claims": [
+            {"name": "a", "status": "held", "known_miss": None},
+            {"name": "b", "status": "held", "known_miss": None},
+            {"name": "needs scale", "status": "known miss", "known_miss": "toy too small"}]}]}
+    path = tmp_path / "scoreboard.json"
+    path.write_text(json.dumps(board))
+    block = catalogue.render_scoreboard(path)
+    assert "| [coupled-adam](notebooks/coupled-adam.ipynb) | 2/3 | 300 s |" in block
+    assert "known miss: needs scale (toy too small)" in block and "abc1234" in block
+    readme = catalogue.replace_block(catalogue.README.read_text(), block, catalogue.SB_START, catalogue.SB_END)
+    assert block in readme and readme != catalogue.README.read_text()
+
+
+def test_fix_colab_is_idempotent_and_satisfies_the_contract(tmp_path, cat):
+    nb = json.loads(TEMPLATE.read_text())
+    nb["cells"][0]["source"] = _src(nb["cells"][0]).replace("colab.research", "example")
+    nb["cells"].pop(1)  # drop the install cell
+    path = tmp_path / "coupled-adam.ipynb"
+    path.write_text(json.dumps(nb))
+    assert check_contract.fix_colab(path, REPO_ROOT) is True
+    assert check_contract.fix_colab(path, REPO_ROOT) is False
+    assert check_contract.check_notebook(path, cat, REPO_ROOT) == []
