@@ -24,6 +24,7 @@ Shapes: B batch, T time, V vocabulary. A *pair* is ``(prompt_ids, answer_ids)``;
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 from collections import Counter
@@ -42,6 +43,27 @@ from companion.tokenizer import BPETokenizer
 EOS = "<|endoftext|>"
 PROMPT = "Q: {question}\nA:"
 PROFILE = "profile"  # the attribute name of a question whose answer holds every attribute
+
+def one_torch_thread(fn: Callable) -> Callable:
+    """Run ``fn`` with torch on one intra-op thread (restored after).
+
+    The benchmark's models are tiny (d_model <= 96, batches of a few thousand tokens): a second thread
+    only adds hand-off cost, and on a shared 2-core machine, OpenMP threads that wait for a busy core
+    make it far worse. Measured here under load: 20 ReLearn steps took 0.6 s on one thread against 27 s
+    on two, and one evaluation 4.5 s against 43 s.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
 
 # ----------------------------------------------------------------------------------------------
 # Data: question/answer pairs about people
@@ -305,6 +327,7 @@ def _skeleton(size: str) -> nn.Module:
     return TinyLM(ModelConfig(vocab_size=vocab, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads))
 
 
+@one_torch_thread
 def fit_memoriser(model: nn.Module, size: str, *, include_forget: bool = True, steps: int | None = None) -> dict:
     """Train ``model`` on :func:`training_qas` (without the forget set if ``include_forget`` is False:
     TOFU's retain-only oracle). AdamW, warmup then cosine decay, no weight decay."""
@@ -387,6 +410,7 @@ def _greedy_same_length(model, prompts: torch.Tensor, max_new_tokens: int, eos: 
     return F.pad(out, (0, max_new_tokens - out.shape[1]), value=eos)
 
 
+@one_torch_thread
 def generate_answers(model: nn.Module, tok: BPETokenizer, questions: Sequence[str], *, max_new_tokens: int = 64
                      ) -> list[list[int]]:
     """Greedy answer token ids (EOS and after removed) for each question, in order.
@@ -674,6 +698,7 @@ def score_items(qas: Sequence[QA], answers: Sequence[str], extract: EntityExtrac
     return out
 
 
+@one_torch_thread
 def evaluate(model: nn.Module, judge: nn.Module, bench: Benchmark, forget_qas: Sequence[QA],
              retain_qas: Sequence[QA], *, max_new_tokens: int = 64) -> Evaluation:
     """Generate greedy answers to the forget and retain questions and score them: KFR, KRR, and the
@@ -778,6 +803,7 @@ class UnlearnRun:
         return steps, [self.checkpoints[s].summary()[key] for s in steps]
 
 
+@one_torch_thread
 def unlearn(base: nn.Module, method: str, forget_pairs: Sequence, retain_pairs: Sequence, pad_id: int,
             cfg: UnlearnConfig, *, evaluate_fn: Callable[[nn.Module], Evaluation] | None = None,
             initial: Evaluation | None = None) -> UnlearnRun:

@@ -285,15 +285,21 @@ def torch_ce_kl(x: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bench_cases(quick: bool = False) -> list[BenchCase]:
+    """Per-row CE + KL at vocabulary sizes of our tiny models (512) and of small LLMs (8192), against
+    ``F.cross_entropy`` + ``F.kl_div`` over two log-softmaxes. With a GPU, ``setup`` also puts copies
+    on the device, so the CUDA rows time the kernel on device-resident logits (no host copies), against
+    the same torch code on the GPU."""
+    with_cuda = torch.cuda.is_available()
     shapes = [(4096, 512), (4096, 8192)] if not quick else [(4096, 512), (1024, 8192)]
     cases = []
     for n, v in shapes:
-        def setup(n=n, v=v, device="cpu"):
+        def setup(n=n, v=v):
             gen = torch.Generator().manual_seed(0)
             z = torch.randn(n, v, generator=gen) * 2
-            r = z + 0.5 * torch.randn(n, v, generator=gen)
-            y = torch.randint(0, v, (n,), generator=gen)
-            return {"z": z.to(device), "r": r.to(device), "y": y.to(device)}
+            x = {"z": z, "r": z + 0.5 * torch.randn(n, v, generator=gen), "y": torch.randint(0, v, (n,), generator=gen)}
+            if with_cuda:
+                x.update({key + "_dev": x[key].cuda() for key in ("z", "r", "y")})
+            return x
 
         cases.append(BenchCase(
             kernel="softmax_xent",
@@ -303,7 +309,8 @@ def bench_cases(quick: bool = False) -> list[BenchCase]:
             numba_fn=lambda x: cpu(x["z"], x["y"], x["r"]),
             bytes=2 * n * v * 4,  # both logit matrices read once (the fused ideal)
             torch_label="F.cross_entropy + F.kl_div(log_softmax, log_softmax)",
-            cuda_fn=lambda x: cuda(x["z"], x["y"], x["r"]),
-            torch_cuda_fn=None,
+            cuda_fn=(lambda x: cuda(x["z_dev"], x["y_dev"], x["r_dev"])) if with_cuda else None,
+            torch_cuda_fn=(lambda x: torch_ce_kl({"z": x["z_dev"], "r": x["r_dev"], "y": x["y_dev"]}))
+            if with_cuda else None,
         ))
     return cases

@@ -140,3 +140,9 @@ def test_objective_figure_shows_every_method_and_npo_weights(fake_results):
     names = [t.name for t in fig.data]
     assert names.count("NPO") == 2 and "GA" in names and "ReLearn" in names
     assert fig.data[0].x[0] == 2  # moving average of 2 starts at the second step
+
+
+def test_run_experiment_refuses_an_initial_evaluation_of_other_questions(fake_results):
+    # fake_results.base scored one forget and one retain person; the smoke experiment scores more
+    with pytest.raises(ValueError, match="initial was evaluated on other questions"):
+        R.run_experiment(R.ExperimentConfig(size="smoke", n_eval_retain=8), initial=fake_results.base)

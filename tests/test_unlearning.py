@@ -240,3 +240,20 @@ def test_unlearn_leaves_the_base_model_alone_and_shares_retain_batches(bench, ti
     assert [cfg.lr_at(s) for s in range(3)] == pytest.approx([1e-3, 1e-3, 5e-4])
     with pytest.raises(ValueError, match="need steps"):
         U.unlearn(base, "ga", forget, retain, bench.eos, U.UnlearnConfig(steps=0))
+
+
+def test_one_torch_thread_pins_and_restores_the_thread_count():
+    seen, outer = [], torch.get_num_threads()
+    torch.set_num_threads(2)  # whatever the test process runs with, start from 2 so that pinning shows
+    try:
+        U.one_torch_thread(lambda: seen.append(torch.get_num_threads()))()
+        assert seen == [1] and torch.get_num_threads() == 2
+
+        def fail():
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            U.one_torch_thread(fail)()
+        assert torch.get_num_threads() == 2  # restored on the error path too
+    finally:
+        torch.set_num_threads(outer)

@@ -246,21 +246,27 @@ class Results:
         return run.checkpoints[max(run.checkpoints)].summary()
 
 
-def run_experiment(cfg: ExperimentConfig) -> Results:
-    """Load the memoriser, build D_forget^aug, and run every method for the same number of steps."""
+def run_experiment(cfg: ExperimentConfig, *, initial: U.Evaluation | None = None) -> Results:
+    """Load the memoriser, build D_forget^aug, and run every method for the same number of steps.
+
+    ``initial``: the memoriser's evaluation on the same questions, if the caller already has it (it is
+    deterministic, so recomputing it would only cost time)."""
     unknown = [m for m in cfg.methods if m not in LABELS]
     if unknown:
         raise ValueError(f"methods {unknown} are not in {sorted(LABELS)}")
     bench = U.load_benchmark(cfg.size)
-    base = U.load_memoriser(cfg.size)
-    augmented = augment_forget_set(bench.forget, seed=cfg.seed)
     forget_qas = bench.qas(bench.forget, "eval")
     retain_qas = bench.qas(bench.retain[:cfg.n_eval_retain], "eval")
+    if initial is not None and [i["question"] for i in initial.forget_items + initial.retain_items] != [
+            qa.question for qa in forget_qas + retain_qas]:
+        raise ValueError("initial was evaluated on other questions than this experiment's forget/retain ones")
+    base = U.load_memoriser(cfg.size)
+    augmented = augment_forget_set(bench.forget, seed=cfg.seed)
     steps = math.ceil(cfg.epochs * len(augmented.examples) / cfg.batch_size)
     ucfg = U.UnlearnConfig(steps=steps, batch_size=cfg.batch_size, lr=bench.config.lr * cfg.lr_ratio,
                            beta=cfg.beta, eval_every=max(1, math.ceil(steps / cfg.n_checkpoints)), seed=cfg.seed)
     evaluate = lambda model: U.evaluate(model, base, bench, forget_qas, retain_qas)
-    initial = evaluate(base)
+    initial = evaluate(base) if initial is None else initial
     original_pairs = bench.pairs(bench.qas(bench.forget))
     augmented_pairs = bench.pairs(augmented.qas())
     retain_pairs = bench.pairs(bench.qas(bench.retain))
