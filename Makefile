@@ -34,8 +34,11 @@ lab: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# The real-browser tests run after the others, alone: each drives a whole notebook and a browser,
+# and sharing the cores with the other tests' workers made them flaky.
 unit: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) tests
+	$(PY) -m pytest -q -n $(JOBS) -m "not browser" tests
+	$(PY) -m pytest -q -m browser tests
 
 notebooks: $(STAMP)
 	$(PY) -m ci.run_notebooks --jobs $(JOBS)
