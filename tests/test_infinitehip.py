@@ -181,9 +181,14 @@ def test_sparse_method_differs_from_dense_on_a_long_input():
 
 def test_passkey_batch_targets_only_the_key():
     setup = ih.PasskeySetup(vocab_size=40, key_len=3, train_length=64)
-    x, y, b = ih.passkey_batch(4, length=64, setup=setup, depth=0.5, seed=0)
+    x, y, key = ih.passkey_batch(4, length=64, setup=setup, depth=0.5, seed=0)
     assert x.shape == (4, 63) and int((y != -100).sum()) == 4 * 3
-    assert torch.equal(y[:, -3:], b.key)
+    assert torch.equal(y[:, -3:], key)
+    marker = setup.vocab_size - 1
+    for row, kr in zip(x, key):  # the needle: marker, key, marker; the key tokens come from the reserved range
+        first = int((row == marker).nonzero()[0])
+        assert torch.equal(row[first + 1:first + 4], kr) and int(row[first + 4]) == marker
+        assert int(kr.min()) >= setup.vocab_size - setup.key_vocab - 1
 
 
 # --------------------------------------------------------------------------------------------- offload
