@@ -71,6 +71,19 @@ def test_full_mask_has_recall_one_density_one_and_no_error(problem):
     assert ih.density(m, p.q.shape[2], p.T) == pytest.approx(1.0)
     dense = ih.dense_attention.reference(p.q, p.k, p.v, mask="causal")
     assert ih.relative_error(ih.sparse_output(m, p.q, p.k, p.v), dense) < 1e-12
+    assert ih.weight_covered(m, p.q, p.k) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_weight_covered_matches_a_direct_sum(problem):
+    p = problem
+    m = ih.evaluate(p, SMALL, topk=16).mask
+    dense_mask = BS.dense_mask(m.block_index, p.q.shape[2], p.T, block_size=m.block_size)  # (B, H, T, S) bool
+    s = (p.q @ p.k.transpose(-1, -2)) / math.sqrt(p.q.shape[-1])
+    pos = m.q_offset + torch.arange(p.q.shape[2])
+    w = s.masked_fill(torch.arange(p.T)[None, :] > pos[:, None], float("-inf")).softmax(-1)
+    want = (w * dense_mask).sum(-1).mean().item()
+    got = ih.weight_covered(m, p.q, p.k)
+    assert got == pytest.approx(want, abs=1e-6) and 0 < got < 1
 
 
 def test_visible_pairs_counts_the_dense_mask():
@@ -189,6 +202,17 @@ def test_passkey_batch_targets_only_the_key():
         first = int((row == marker).nonzero()[0])
         assert torch.equal(row[first + 1:first + 4], kr) and int(row[first + 4]) == marker
         assert int(kr.min()) >= setup.vocab_size - setup.key_vocab - 1
+
+
+def test_needle_read_rate_is_one_when_the_window_covers_the_input():
+    setup = ih.PasskeySetup(vocab_size=40, key_len=2, train_length=64, d_model=16, n_heads=2)
+    model = TinyLM(setup.model_config()).eval()
+    wide = ih.HipConfig(stages=((16, 32), (4, 8)), n_sink=16, window=128, block_size=16, block_q=32, refresh=None)
+    assert ih.needle_read_rate(model, setup, length=64, n=2, hip=wide, method="streaming") == 1.0
+    narrow = wide.with_(window=16, n_sink=0)  # sink-free, tiny window: the needle at depth 0.1 is out of sight
+    assert ih.needle_read_rate(model, setup, length=64, n=2, hip=narrow, method="streaming", depths=(0.1,)) == 0.0
+    with pytest.raises(ValueError, match="naive"):
+        ih.needle_read_rate(model, setup, length=64, n=2, method="naive")
 
 
 # --------------------------------------------------------------------------------------------- offload

@@ -187,6 +187,26 @@ def topk_recall(m: HipMask, q: torch.Tensor, k: torch.Tensor, topk: int = 128) -
     return covered.float().mean().item()
 
 
+@torch.no_grad()
+def weight_covered(m: HipMask, q: torch.Tensor, k: torch.Tensor) -> float:
+    """Mean over heads and queries of the dense softmax weight that falls on keys the mask reads.
+
+    q (B, H, T, D), k (B, H_kv, S, D), no RoPE; scores scaled by 1/sqrt(D) as in the attention.
+    """
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    k_heads = k.repeat_interleave(H // k.shape[1], dim=1)
+    s = (q @ k_heads.transpose(-1, -2)) / math.sqrt(D)
+    pos = m.q_offset + torch.arange(T)
+    causal = torch.arange(S)[None, :] <= pos[:, None]
+    w = s.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, T, S)
+    blocks = _row_blocks(m, T)  # (B, H, T, M)
+    read = torch.zeros(B, H, T, -(-S // m.block_size) + 1, dtype=w.dtype)
+    read.scatter_(-1, torch.where(blocks >= 0, blocks, read.shape[-1] - 1), 1.0)
+    per_key = read[..., :-1].repeat_interleave(m.block_size, dim=-1)[..., :S]
+    return (w * per_key).sum(-1).mean().item()
+
+
 def visible_pairs(m: HipMask, T: int, S: int) -> torch.Tensor:
     """(B, H, T) number of keys each query row reads under the mask (causal inside the blocks)."""
     blocks = _row_blocks(m, T)  # (B, H, T, M)
@@ -434,6 +454,7 @@ class HipAttention(Attention):
         k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
         index = self._block_index(q, k)
+        self.last_block_index = index  # kept for needle_read_rate
         y = rope_sparse_attention(q, k, v, index, block_size=self.hip.block_size, base=self.base,
                                   streaming=self.method != "hip (true positions)")
         return self.o_proj(y.transpose(1, 2).flatten(-2))
@@ -552,11 +573,37 @@ def passkey_accuracy(model: TinyLM, setup: PasskeySetup, *, length: int, n: int,
     """Share of samples whose whole key is predicted (teacher forcing, argmax), over the given depths."""
     hits = total = 0
     for d_i, depth in enumerate(depths):
-        sample_seed = 10_000 * (seed + 1) + 97 * d_i + length
-        x, _, key = passkey_batch(n, length=length, setup=setup, depth=depth, seed=sample_seed)
+        x, _, key = passkey_batch(n, length=length, setup=setup, depth=depth, seed=_sample_seed(seed, d_i, length))
         for i in range(0, n, batch):
             logits = model(x[i:i + batch]).logits[:, -setup.key_len:]
             hits += int((logits.argmax(-1) == key[i:i + batch]).all(-1).sum())
+        total += n
+    return hits / total
+
+
+def _sample_seed(seed: int, depth_index: int, length: int) -> int:
+    return 10_000 * (seed + 1) + 97 * depth_index + length
+
+
+@torch.no_grad()
+def needle_read_rate(model: TinyLM, setup: PasskeySetup, *, length: int, n: int, hip: HipConfig = TOY,
+                     method: str = "infinitehip", depths=(0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0,
+                     batch: int = 8) -> float:
+    """Share of the passkey samples of :func:`passkey_accuracy` whose last-layer mask lets the last query
+    read the first key token of the needle, in at least one head (same samples, same seeds)."""
+    if method == "naive":
+        raise ValueError("method 'naive' has no mask; pick one of " + ", ".join(METHODS[1:]))
+    twin = with_method(model, method, hip)
+    attn = twin.blocks[-1].attn
+    hits = total = 0
+    hay = length - 3 - 2 * setup.key_len
+    for d_i, depth in enumerate(depths):
+        x, _, _ = passkey_batch(n, length=length, setup=setup, depth=depth, seed=_sample_seed(seed, d_i, length))
+        key_block = (int(round(depth * hay)) + 1) // hip.block_size  # the key follows the first marker
+        for i in range(0, n, batch):
+            twin(x[i:i + batch])
+            last = attn.last_block_index[:, :, -1]  # (b, H, M): the last query block's key blocks
+            hits += int((last == key_block).any(-1).any(-1).sum())
         total += n
     return hits / total
 
