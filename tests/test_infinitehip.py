@@ -211,8 +211,12 @@ def test_needle_read_rate_is_one_when_the_window_covers_the_input():
     assert ih.needle_read_rate(model, setup, length=64, n=2, hip=wide, method="streaming") == 1.0
     narrow = wide.with_(window=16, n_sink=0)  # sink-free, tiny window: the needle at depth 0.1 is out of sight
     assert ih.needle_read_rate(model, setup, length=64, n=2, hip=narrow, method="streaming", depths=(0.1,)) == 0.0
+    assert ih.needle_read_rate(model, setup, length=64, n=2, hip=wide, method="streaming", every_head=True) == 1.0
     with pytest.raises(ValueError, match="naive"):
         ih.needle_read_rate(model, setup, length=64, n=2, method="naive")
+    table = ih.passkey_table(model, setup, lengths=[64], n=2, hip=wide, methods=("naive", "streaming"))
+    assert table["reads"] == {"streaming": [(1.0, 1.0)]} and 0 <= table["naive"][0] <= 1
+    assert table["streaming"][0] == ih.passkey_accuracy(ih.with_method(model, "streaming", wide), setup, length=64, n=2)
 
 
 # --------------------------------------------------------------------------------------------- offload

@@ -568,53 +568,64 @@ zoo.register("infinitehip-passkey-smoke", version="1", skeleton=lambda: TinyLM(P
 
 
 @torch.no_grad()
-def passkey_accuracy(model: TinyLM, setup: PasskeySetup, *, length: int, n: int, depths=(0.1, 0.3, 0.5, 0.7, 0.9),
-                     seed: int = 0, batch: int = 8) -> float:
-    """Share of samples whose whole key is predicted (teacher forcing, argmax), over the given depths."""
-    hits = total = 0
+def _passkey_pass(model: TinyLM, setup: PasskeySetup, *, length: int, n: int, depths, seed: int, batch: int,
+                  block_size: int | None):
+    """(accuracy, needle read in any head, in every head) over the samples; the read rates need a
+    HipAttention last layer and ``block_size`` (else None): does its mask let the last query block
+    read the key block holding the needle's first key token?"""
+    attn = model.blocks[-1].attn
+    track = block_size is not None and isinstance(attn, HipAttention) and attn.method != "naive"
+    hits = total = read_any = read_all = 0
+    hay = length - 3 - 2 * setup.key_len
     for d_i, depth in enumerate(depths):
         x, _, key = passkey_batch(n, length=length, setup=setup, depth=depth, seed=_sample_seed(seed, d_i, length))
+        key_block = (int(round(depth * hay)) + 1) // (block_size or 1)  # the key follows the first marker
         for i in range(0, n, batch):
             logits = model(x[i:i + batch]).logits[:, -setup.key_len:]
             hits += int((logits.argmax(-1) == key[i:i + batch]).all(-1).sum())
+            if track:
+                per_head = (attn.last_block_index[:, :, -1] == key_block).any(-1)  # (b, H)
+                read_any += int(per_head.any(-1).sum())
+                read_all += int(per_head.all(-1).sum())
         total += n
-    return hits / total
+    reads = (read_any / total, read_all / total) if track else (None, None)
+    return (hits / total, *reads)
+
+
+def passkey_accuracy(model: TinyLM, setup: PasskeySetup, *, length: int, n: int, depths=(0.1, 0.3, 0.5, 0.7, 0.9),
+                     seed: int = 0, batch: int = 8) -> float:
+    """Share of samples whose whole key is predicted (teacher forcing, argmax), over the given depths."""
+    return _passkey_pass(model, setup, length=length, n=n, depths=depths, seed=seed, batch=batch, block_size=None)[0]
 
 
 def _sample_seed(seed: int, depth_index: int, length: int) -> int:
     return 10_000 * (seed + 1) + 97 * depth_index + length
 
 
-@torch.no_grad()
 def needle_read_rate(model: TinyLM, setup: PasskeySetup, *, length: int, n: int, hip: HipConfig = TOY,
                      method: str = "infinitehip", depths=(0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0,
-                     batch: int = 8) -> float:
+                     batch: int = 8, every_head: bool = False) -> float:
     """Share of the passkey samples of :func:`passkey_accuracy` whose last-layer mask lets the last query
-    read the first key token of the needle, in at least one head (same samples, same seeds)."""
+    block read the needle's first key token, in at least one head (or in every head), same samples and seeds."""
     if method == "naive":
         raise ValueError("method 'naive' has no mask; pick one of " + ", ".join(METHODS[1:]))
-    twin = with_method(model, method, hip)
-    attn = twin.blocks[-1].attn
-    hits = total = 0
-    hay = length - 3 - 2 * setup.key_len
-    for d_i, depth in enumerate(depths):
-        x, _, _ = passkey_batch(n, length=length, setup=setup, depth=depth, seed=_sample_seed(seed, d_i, length))
-        key_block = (int(round(depth * hay)) + 1) // hip.block_size  # the key follows the first marker
-        for i in range(0, n, batch):
-            twin(x[i:i + batch])
-            last = attn.last_block_index[:, :, -1]  # (b, H, M): the last query block's key blocks
-            hits += int((last == key_block).any(-1).any(-1).sum())
-        total += n
-    return hits / total
+    _, any_head, all_heads = _passkey_pass(with_method(model, method, hip), setup, length=length, n=n, depths=depths,
+                                           seed=seed, batch=batch, block_size=hip.block_size)
+    return all_heads if every_head else any_head
 
 
 def passkey_table(model: TinyLM, setup: PasskeySetup, *, lengths, n: int, hip: HipConfig = TOY, methods=METHODS,
                   seed: int = 0) -> dict:
-    """Accuracy per method and length: ``{method: [acc at each length]}`` plus ``"length"``."""
-    out = {"length": list(lengths)}
+    """Accuracy per method and length, ``{method: [acc at each length]}``, plus ``"length"`` and
+    ``"reads": {method: [(needle read in any head, in every head) at each length]}`` for the masked methods."""
+    out = {"length": list(lengths), "reads": {}}
     for method in methods:
         twin = with_method(model, method, hip)
-        out[method] = [passkey_accuracy(twin, setup, length=L, n=n, seed=seed) for L in lengths]
+        rows = [_passkey_pass(twin, setup, length=L, n=n, depths=(0.1, 0.3, 0.5, 0.7, 0.9), seed=seed, batch=8,
+                              block_size=hip.block_size) for L in lengths]
+        out[method] = [r[0] for r in rows]
+        if method != "naive":
+            out["reads"][method] = [r[1:] for r in rows]
     return out
 
 
