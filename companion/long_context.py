@@ -137,6 +137,26 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
 
 
+def _population_forwards(model: TinyLM, x: torch.Tensor, scalings: Sequence[Scaling], max_rows: int,
+                         backend: str):
+    """Run ``x (N, T)`` under every scaling, folded into forwards of at most ``max_rows`` sequences
+    (candidates × documents). Yields ``(c0, P, d0, n, logits)``: candidates ``c0 : c0+P`` on documents
+    ``d0 : d0+n``, with ``logits (P·n, T, V)`` ordered candidate-major."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    N, T = x.shape
+    positions = torch.arange(T, device=x.device)
+    per_cand = max(1, max_rows // N)  # candidates per forward when all docs fit
+    doc_chunk = min(N, max_rows)
+    for c0 in range(0, len(scalings), per_cand):
+        chunk = list(scalings[c0:c0 + per_cand])
+        for d0 in range(0, N, doc_chunk):
+            xb = x[d0:d0 + doc_chunk]
+            with population(model, chunk, positions, backend):
+                logits = model(xb.repeat(len(chunk), 1)).logits
+            yield c0, len(chunk), d0, xb.shape[0], logits
+
+
 @torch.no_grad()
 def population_nll(model: TinyLM, docs: torch.Tensor, scalings: Sequence[Scaling], *, max_rows: int = 32,
                    backend: str = "auto") -> torch.Tensor:
@@ -147,24 +167,13 @@ def population_nll(model: TinyLM, docs: torch.Tensor, scalings: Sequence[Scaling
     """
     if docs.ndim != 2 or docs.shape[1] < 2:
         raise ValueError(f"docs must be (N, T+1) token ids with T >= 1, got shape {tuple(docs.shape)}")
-    if max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     device = next(model.parameters()).device
     x, y = docs[:, :-1].to(device), docs[:, 1:].to(device)
     N, T = x.shape
-    positions = torch.arange(T, device=device)
-    per_cand = max(1, max_rows // N)  # candidates per forward when all docs fit
-    doc_chunk = min(N, max_rows)
     total = torch.zeros(len(scalings), dtype=torch.float64)
-    for c0 in range(0, len(scalings), per_cand):
-        chunk = list(scalings[c0:c0 + per_cand])
-        for d0 in range(0, N, doc_chunk):
-            xb, yb = x[d0:d0 + doc_chunk], y[d0:d0 + doc_chunk]
-            P, n = len(chunk), xb.shape[0]
-            with population(model, chunk, positions, backend):
-                logits = model(xb.repeat(P, 1)).logits
-            nll = _token_nll(logits, yb.repeat(P, 1)).view(P, n, T).sum(dim=(1, 2))
-            total[c0:c0 + P] += nll.double().cpu()
+    for c0, P, d0, n, logits in _population_forwards(model, x, scalings, max_rows, backend):
+        nll = _token_nll(logits, y[d0:d0 + n].repeat(P, 1)).view(P, n, T).sum(dim=(1, 2))
+        total[c0:c0 + P] += nll.double().cpu()
     return total / (N * T)
 
 
@@ -189,21 +198,11 @@ def population_passkey(model: TinyLM, tokens: torch.Tensor, key_len: int, scalin
     device = next(model.parameters()).device
     x = tokens[:, :-1].to(device)
     answer = tokens[:, -key_len:].to(device)
-    N, T = x.shape
-    positions = torch.arange(T, device=device)
-    per_cand = max(1, max_rows // N)
-    doc_chunk = min(N, max_rows)
     correct = torch.zeros(len(scalings), dtype=torch.float64)
-    for c0 in range(0, len(scalings), per_cand):
-        chunk = list(scalings[c0:c0 + per_cand])
-        for d0 in range(0, N, doc_chunk):
-            xb, ab = x[d0:d0 + doc_chunk], answer[d0:d0 + doc_chunk]
-            P, n = len(chunk), xb.shape[0]
-            with population(model, chunk, positions, backend):
-                pred = model(xb.repeat(P, 1)).logits[:, -key_len:].argmax(-1).view(P, n, key_len)
-            correct[c0:c0 + P] += (pred == ab[None]).all(-1).sum(-1).double().cpu()
-    return correct / N
-
+    for c0, P, d0, n, logits in _population_forwards(model, x, scalings, max_rows, backend):
+        pred = logits[:, -key_len:].argmax(-1).view(P, n, key_len)
+        correct[c0:c0 + P] += (pred == answer[None, d0:d0 + n]).all(-1).sum(-1).double().cpu()
+    return correct / len(x)
 
 
 def passkey_samples(filler: torch.Tensor, n: int, length: int, depth: float, *, vocab_size: int, key_len: int,
