@@ -246,8 +246,10 @@ def fix_colab(path: Path, repo: Path = REPO_ROOT) -> bool:
     before = nbformat.writes(nb)
     title = nb.cells[0]
     lines = [ln for ln in title.source.splitlines() if "colab.research.google.com" not in ln]
-    lines.insert(1 if lines and lines[0].startswith("# ") else 0, "\n" + colab_badge(path.stem, repo))
-    title.source = "\n".join(lines)
+    head, rest = (lines[:1], lines[1:]) if lines and lines[0].startswith("# ") else ([], lines)
+    while rest and not rest[0].strip():  # drop the blank lines around the old badge
+        rest.pop(0)
+    title.source = "\n".join(head + ["", colab_badge(path.stem, repo), ""] + rest)
     first_code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
     if 'find_spec("companion")' in nb.cells[first_code].source:
         nb.cells[first_code].source = install_cell_source(repo)

@@ -13,8 +13,12 @@ discovers those, so adding a kernel never means editing the benchmark script.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import glob
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +100,58 @@ def as_numpy(x: torch.Tensor) -> np.ndarray:
 def copy_back(dst: torch.Tensor, src: np.ndarray) -> None:
     """Write a NumPy result into ``dst`` in place (used for in-place kernels)."""
     dst.copy_(torch.from_numpy(src))
+
+
+@functools.cache
+def _scipy_openblas() -> tuple[Any, Any] | None:
+    """``(get_num_threads, set_num_threads)`` of the OpenBLAS that numba's ``np.dot`` calls, or None.
+
+    Numba lowers ``np.dot`` on 2-D float arrays to ``scipy.linalg.cython_blas`` (sgemm/dgemm), so
+    the library is the one bundled with the scipy wheel (``scipy.libs/libscipy_openblas*``). A conda
+    scipy may use MKL or a system BLAS instead; then we find nothing and change nothing.
+    """
+    try:
+        import scipy
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the library, as numba will)
+    except ImportError:
+        return None
+    root = os.path.dirname(scipy.__file__)
+    patterns = [os.path.join(root, "..", "scipy.libs", "*openblas*"),  # Linux wheels
+                os.path.join(root, ".dylibs", "*openblas*")]  # macOS wheels
+    for path in sorted(p for pat in patterns for p in glob.glob(pat)):
+        try:
+            lib = ctypes.CDLL(path)  # the already-loaded library: dlopen returns the same handle
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas_", "openblas_"):
+            get = getattr(lib, prefix + "get_num_threads", None)
+            set_ = getattr(lib, prefix + "set_num_threads", None)
+            if get is not None and set_ is not None:
+                get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+                return get, set_
+    return None
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Inside this block, BLAS calls made from Numba kernels run on one thread each.
+
+    Why: our kernels call ``np.dot`` on small tiles from *inside* a ``prange`` loop, so every core
+    already runs its own tile. If OpenBLAS also spawned threads for each tile, the two thread pools
+    would fight over the same cores (and OpenBLAS prints "Detect OpenMP Loop and this application
+    may hang" once per call). The previous thread count is restored on exit.
+    """
+    handles = _scipy_openblas()
+    if handles is None:
+        yield
+        return
+    get, set_ = handles
+    before = get()
+    set_(1)
+    try:
+        yield
+    finally:
+        set_(before)
 
 
 @dataclass

@@ -114,9 +114,15 @@ def _smoke_copy(dest: Path) -> Path:
     return path
 
 
+NOTEBOOK_OUTPUTS = """() => Array.from(document.querySelectorAll('.jp-CodeCell')).map((c, i) =>
+    `[${i}] ${(c.querySelector('.jp-InputPrompt') || {}).innerText || ''} `
+    + Array.from(c.querySelectorAll('.jp-OutputArea-output')).map(o => o.innerText.slice(0, 300)).join(' | ')
+).join('\\n')"""
+
 CLOUD = """() => { const gd = Array.from(document.querySelectorAll('.js-plotly-plot'))
     .find(g => g.layout && g.layout.title && String(g.layout.title.text || '').startsWith('Embedding cloud'));
-    return gd ? {x: Array.from(gd.data[0].x).slice(0, 8), title: gd.layout.annotations[0].text} : null; }"""
+    // _fullData holds decoded arrays; gd.data may keep plotly.py's base64 {dtype, bdata} form
+    return gd ? {x: Array.from(gd._fullData[0].x).slice(0, 8), title: gd.layout.annotations[0].text} : null; }"""
 
 
 def test_jupyterlab_runs_the_notebook_and_the_slider_redraws_the_figure(browser, tmp_path):
@@ -145,13 +151,28 @@ def test_jupyterlab_runs_the_notebook_and_the_slider_redraws_the_figure(browser,
         page.wait_for_selector(".jp-Notebook", timeout=60_000)
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], "
                                ".jp-mod-idle, .jp-Toolbar", timeout=60_000)
+        # JupyterLab sometimes asks which kernel to start (a race with loading the kernelspecs):
+        # answer the dialog with the default, python3, whenever it shows up before an action.
+        kernel_dialog = page.locator(".jp-Dialog").filter(has_text="Select Kernel")
+        page.add_locator_handler(kernel_dialog, lambda d: d.get_by_role("button", name="Select", exact=True).click())
+        page.wait_for_selector("#jp-main-statusbar >> text=Idle", timeout=60_000)
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+        page.wait_for_timeout(2_000)
+        if kernel_dialog.is_visible():
+            kernel_dialog.get_by_role("button", name="Select", exact=True).click()
 
-        page.wait_for_function(f"({CLOUD})() !== null", timeout=150_000)
+        try:
+            page.wait_for_function(f"({CLOUD})() !== null", timeout=150_000)
+        except Exception:
+            SCREENS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENS / "coupled-adam-jupyterlab-FAILED.png"), full_page=True)
+            outputs = page.evaluate(NOTEBOOK_OUTPUTS)
+            pytest.fail(f"the explorer figure never appeared; notebook outputs so far:\n{outputs}")
         slider = page.locator(".widget-slider").first
         slider.scroll_into_view_if_needed()
         before = page.evaluate(CLOUD)
+        assert len(before["x"]) == 8, f"the cloud figure must carry its points, got {before}"
         handle = slider.locator(".noUi-handle").first
         handle.focus()
         for _ in range(3):

@@ -166,3 +166,14 @@ def test_readme_scoreboard_renders_every_notebook_and_every_miss(tmp_path):
     assert "known miss: needs scale (toy too small)" in block and "abc1234" in block
     readme = catalogue.replace_block(catalogue.README.read_text(), block, catalogue.SB_START, catalogue.SB_END)
     assert block in readme and readme != catalogue.README.read_text()
+
+
+def test_fix_colab_is_idempotent_and_satisfies_the_contract(tmp_path, cat):
+    nb = json.loads(TEMPLATE.read_text())
+    nb["cells"][0]["source"] = _src(nb["cells"][0]).replace("colab.research", "example")
+    nb["cells"].pop(1)  # drop the install cell
+    path = tmp_path / "coupled-adam.ipynb"
+    path.write_text(json.dumps(nb))
+    assert check_contract.fix_colab(path, REPO_ROOT) is True
+    assert check_contract.fix_colab(path, REPO_ROOT) is False
+    assert check_contract.check_notebook(path, cat, REPO_ROOT) == []
