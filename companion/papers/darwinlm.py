@@ -579,9 +579,10 @@ def layer_sensitivity(dense: TinyLM, db: Database, windows: torch.Tensor,
 
 
 def oneshot_vs_finetuned(dense: TinyLM, db: Database, pools: Pools, *, target: int, n_genomes: int,
-                         ft_tokens: int, seed: int, batch_size: int = 8, lr: float = 1e-3) -> dict[str, np.ndarray]:
+                         ft_tokens: int, seed: int, batch_size: int = 8, lr: float = 1e-3,
+                         n_eval: int = 32) -> dict[str, np.ndarray]:
     """Random equal-size genomes (a few mutations away from uniform): their one-shot KL and their
-    KL after the same short fine-tune, on the same held-out windows. Also the uniform genome."""
+    KL after the same short fine-tune, on the same ``n_eval`` held-out windows. Also the uniform genome."""
     rng = np.random.default_rng(seed)
     genomes = [Genome.uniform(db.n_layers, target)]
     while len(genomes) < n_genomes:
@@ -590,7 +591,7 @@ def oneshot_vs_finetuned(dense: TinyLM, db: Database, pools: Pools, *, target: i
             g = mutate(g, rng, db.n_levels)
         if g not in genomes:
             genomes.append(g)
-    eval_w = sample_windows(pools.heldout, 32, np.random.default_rng(10_000 + seed))
+    eval_w = sample_windows(pools.heldout, n_eval, np.random.default_rng(10_000 + seed))
     ft_w = sample_windows(pools.finetune, ft_tokens // SEQ_LEN, rng)
     dense_logits = logits_of(dense, eval_w)
     before, after = [], []
