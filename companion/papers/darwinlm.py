@@ -47,6 +47,7 @@ from torch.nn.utils import skip_init
 
 from companion import zoo
 from companion.model import ModelConfig, TinyLM
+from kernels import obs_prune, softmax_xent
 
 SLUG = "darwinlm"
 ZOO_FULL = "darwinlm-stories"
@@ -210,7 +211,6 @@ def even_schedule(n_structures: int, n_levels: int) -> tuple[int, ...]:
 def build_database(model: TinyLM, windows: torch.Tensor, *, n_levels: int = 9, rel_damp: float = 0.01,
                    backend: str = "auto") -> Database:
     """Greedy structured OBS for every layer's ``o_proj`` (heads) and ``down`` (neurons)."""
-    from kernels import obs_prune
 
     cfg = model.cfg
     if cfg.n_kv_heads != cfg.n_heads:
@@ -380,15 +380,14 @@ def prunable_params(cfg: ModelConfig, db: Database, genome: Genome) -> int:
 def kl_to_dense(dense_logits: torch.Tensor, cand_logits: torch.Tensor) -> float:
     """Mean over tokens of KL(p_dense ‖ p_candidate), in nats. Both ``(..., V)``.
 
-    Torch ``log_softmax`` + ``kl_div`` for now; to be swapped for the fused online-logsumexp
-    kernel ``kernels.softmax_xent`` when it lands on main (one call site: this function)."""
+    Computed by the fused kernel ``kernels.softmax_xent`` (one pass per row with an online
+    logsumexp, in float64), so no (tokens, V) log-softmax is ever formed."""
     if dense_logits.shape != cand_logits.shape:
         raise ValueError(f"cand_logits shape {tuple(cand_logits.shape)} != dense_logits shape "
                          f"{tuple(dense_logits.shape)}")
     V = dense_logits.shape[-1]
-    log_p = F.log_softmax(dense_logits.reshape(-1, V).double(), dim=-1)
-    log_q = F.log_softmax(cand_logits.reshape(-1, V).double(), dim=-1)
-    return float(F.kl_div(log_q, log_p, log_target=True, reduction="batchmean"))
+    rows = softmax_xent.run(cand_logits.reshape(-1, V).double(), ref_logits=dense_logits.reshape(-1, V).double())
+    return float(rows["kl"].mean())
 
 
 def finetune(model: nn.Module, windows: torch.Tensor, *, batch_size: int, lr: float) -> nn.Module:
