@@ -118,6 +118,7 @@ def render_table(cat: dict, scores: dict[str, str] | None = None) -> str:
 
 
 def _note(nb: dict) -> str:
+    """One line per notebook: the claims that did not hold, grouped by their stated reason."""
     misses = [c for c in nb["claims"] if c["status"] in ("not held", "known miss")]
     skipped = sum(c["status"] == "skipped" for c in nb["claims"])
     if nb["status"] in ("failed", "timeout"):
@@ -125,9 +126,18 @@ def _note(nb: dict) -> str:
     if not misses:
         note = "all tested claims held"
     else:
-        note = "; ".join(f"{c['status']}: {c['name']}" + (f" ({c['known_miss']})" if c.get("known_miss") else "")
-                         for c in misses)
+        groups: dict[tuple[str, str], list[str]] = {}
+        for c in misses:
+            groups.setdefault((c["status"], c.get("known_miss") or ""), []).append(c["name"])
+        note = "; ".join(f"{status}: {' / '.join(names)}" + (f" ({why})" if why else "")
+                         for (status, why), names in groups.items())
     return note + (f"; {skipped} full-only claim(s) not run" if skipped else "")
+
+
+def _commits(nb: dict) -> str:
+    """The commit(s) the notebook's claims were checked at (each claim row records its own)."""
+    found = sorted({c["commit"] for c in nb["claims"] if c.get("commit")})
+    return ", ".join(f"`{c}`" for c in found) or "?"
 
 
 def render_scoreboard(path: Path = SCOREBOARD) -> str:
@@ -135,13 +145,15 @@ def render_scoreboard(path: Path = SCOREBOARD) -> str:
     if not path.exists():
         return "No full run recorded yet: run `make book` to produce `data/scoreboard.json`."
     board = json.loads(path.read_text())
-    lines = [f"From `data/scoreboard.json`: {board['mode']} run of {board['generated']} at commit "
-             f"`{board['commit']}`. Every row of that file gives the paper's value, ours, and whether it held.", "",
-             "| notebook | claims held | run time | note |", "|---|---|---|---|"]
+    lines = [f"From `data/scoreboard.json`: {board['mode']} runs, file written on {board['generated']} at commit "
+             f"`{board['commit']}`; the commit column says where each notebook's claims were checked (`-dirty`: "
+             "with uncommitted edits elsewhere in the tree). Every row of that file gives the paper's value, ours, "
+             "and whether it held.", "",
+             "| notebook | claims held | run time | commit | note |", "|---|---|---|---|---|"]
     for nb in board["notebooks"]:
         note = _note(nb).replace("|", "\\|")
         lines.append(f"| [{nb['slug']}](notebooks/{nb['slug']}.ipynb) | {nb['held']}/{nb['tested']} | "
-                     f"{nb['seconds']:.0f} s | {note} |")
+                     f"{nb['seconds']:.0f} s | {_commits(nb)} | {note} |")
     return "\n".join(lines)
 
 

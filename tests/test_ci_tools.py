@@ -156,14 +156,15 @@ def test_runner_kills_a_notebook_past_twice_its_budget(tmp_path, monkeypatch):
 def test_readme_scoreboard_renders_every_notebook_and_every_miss(tmp_path):
     board = {"generated": "2026-01-01", "commit": "abc1234", "mode": "full", "notebooks": [
         {"slug": "coupled-adam", "status": "ok", "seconds": 300.0, "held": 2, "tested": 3, "claims": [
-            {"name": "a", "status": "held", "known_miss": None},
-            {"name": "b", "status": "held", "known_miss": None},
-            {"name": "needs scale", "status": "known miss", "known_miss": "toy too small"}]}]}
+            {"name": "a", "status": "held", "known_miss": None, "commit": "abc1234"},
+            {"name": "b", "status": "held", "known_miss": None, "commit": "abc1234"},
+            {"name": "needs scale", "status": "known miss", "known_miss": "toy too small", "commit": "abc1234"},
+            {"name": "also scale", "status": "known miss", "known_miss": "toy too small", "commit": "abc1234"}]}]}
     path = tmp_path / "scoreboard.json"
     path.write_text(json.dumps(board))
     block = catalogue.render_scoreboard(path)
-    assert "| [coupled-adam](notebooks/coupled-adam.ipynb) | 2/3 | 300 s |" in block
-    assert "known miss: needs scale (toy too small)" in block and "abc1234" in block
+    assert "| [coupled-adam](notebooks/coupled-adam.ipynb) | 2/3 | 300 s | `abc1234` |" in block
+    assert "known miss: needs scale / also scale (toy too small)" in block  # one reason, said once
     readme = catalogue.replace_block(catalogue.README.read_text(), block, catalogue.SB_START, catalogue.SB_END)
     assert block in readme and readme != catalogue.README.read_text()
 
