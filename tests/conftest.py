@@ -25,3 +25,12 @@ def fp64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """The smoke unlearning benchmark (memoriser, tokenizer, splits), built once per test worker;
+    shared by tests/test_unlearning.py and tests/test_relearn.py."""
+    from companion import unlearning
+
+    return unlearning.load_benchmark("smoke")

@@ -15,11 +15,6 @@ ADA = Person("Ada Novak", "Lisbon", 1987, "Quartz Media", "ada.novak12@post.exam
 
 
 @pytest.fixture(scope="module")
-def bench():
-    return U.load_benchmark("smoke")
-
-
-@pytest.fixture(scope="module")
 def tiny(bench):
     torch.manual_seed(1)
     return TinyLM(ModelConfig(vocab_size=bench.tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=4)).double()

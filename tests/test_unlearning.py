@@ -17,11 +17,6 @@ BEN = Person("Ben Okafor", "Oslo", 1990, "Vertex Bank", "ben.okafor33@inbox.inva
 
 
 @pytest.fixture(scope="module")
-def bench():
-    return U.load_benchmark("smoke")
-
-
-@pytest.fixture(scope="module")
 def tiny(bench):
     """A random fp64 TinyLM over the smoke tokenizer: enough for exact properties, no training."""
     torch.manual_seed(0)
