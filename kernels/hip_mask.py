@@ -271,9 +271,10 @@ def scan_stage_reference(q, k, left, right, *, rows: int, key_cos=None, key_sin=
 # A key read is scored against the block's rows with the rows as the inner loop (q stored
 # transposed), so the loop vectorises without reordering any sum (fastmath stays off).
 # --------------------------------------------------------------------------------------------
-@njit(cache=True)
-def _cpu_read(qT, nr, k, b, hk, j, c, key_cos, key_sin, use_rope, kv, s):  # pragma: no cover (compiled)
-    """max over the block's rows r of q_r . key_j (key rotated for chunk slot c when use_rope)."""
+def _load_key(k, b, hk, j, c, key_cos, key_sin, use_rope, out):  # pragma: no cover (compiled)
+    """out[:] = key j of (b, hk), rotated for chunk slot c when use_rope. Plain Python that both
+    compilers accept: ``njit`` turns it into the CPU helper and ``cuda.jit(device=True)`` into the
+    CUDA one below, so the two backends cannot drift apart on RoPE."""
     D = k.shape[3]
     half = D // 2
     for d in range(D):
@@ -281,7 +282,17 @@ def _cpu_read(qT, nr, k, b, hk, j, c, key_cos, key_sin, use_rope, kv, s):  # pra
         if use_rope:
             rh = -k[b, hk, j, d + half] if d < half else k[b, hk, j, d - half]
             x = x * key_cos[c, d] + rh * key_sin[c, d]
-        kv[d] = x
+        out[d] = x
+
+
+_cpu_load_key = njit(cache=True)(_load_key)
+
+
+@njit(cache=True)
+def _cpu_read(qT, nr, k, b, hk, j, c, key_cos, key_sin, use_rope, kv, s):  # pragma: no cover (compiled)
+    """max over the block's rows r of q_r . key_j (key rotated for chunk slot c when use_rope)."""
+    D = k.shape[3]
+    _cpu_load_key(k, b, hk, j, c, key_cos, key_sin, use_rope, kv)
     for r in range(nr):
         s[r] = 0.0
     for d in range(D):
@@ -361,16 +372,7 @@ def scan_stage_cpu(q, k, left, right, *, rows: int, key_cos=None, key_sin=None) 
 # memory, and each thread takes the max over rows. Every thread runs the same number of steps
 # (n_iter, from the host) so that all reach every syncthreads; finished chunks just idle.
 # --------------------------------------------------------------------------------------------
-@gpu.jit(device=True)
-def _cuda_load_key(k, b, hk, j, c, key_cos, key_sin, use_rope, out):  # pragma: no cover
-    D = k.shape[3]
-    half = D // 2
-    for d in range(D):
-        x = k[b, hk, j, d]
-        if use_rope:
-            rh = -k[b, hk, j, d + half] if d < half else k[b, hk, j, d - half]
-            x = x * key_cos[c, d] + rh * key_sin[c, d]
-        out[d] = x
+_cuda_load_key = gpu.jit(device=True)(_load_key)
 
 
 @gpu.jit
