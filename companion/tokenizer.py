@@ -20,7 +20,7 @@ import json
 import re
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -179,19 +179,26 @@ def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return out
 
 
-def stories_tokenizer(vocab_size: int = 512, *, n_stories: int = 4000, seed: int = 0) -> BPETokenizer:
-    """A BPE trained on :func:`companion.data.stories`, cached under ``data/tokenizers/``.
+def cached_tokenizer(name: str, build: Callable[[], BPETokenizer]) -> BPETokenizer:
+    """Load ``data/tokenizers/<name>.json``, or ``build()`` it and save it there (atomically).
 
-    A cache file that does not parse is rebuilt with a warning.
+    A cache file that does not parse is rebuilt with a warning. ``name`` must say everything
+    the tokenizer depends on (vocabulary size, corpus, seed), because it is the only cache key.
     """
-    from companion.data import stories
-
-    path = data_dir() / "tokenizers" / f"stories-v{vocab_size}-n{n_stories}-s{seed}.json"
+    path = data_dir() / "tokenizers" / f"{name}.json"
     if path.exists():
         try:
             return BPETokenizer.load(path)
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-            warnings.warn(f"tokenizer cache {path} is corrupt ({exc}); rebuilding", stacklevel=2)
-    tok = BPETokenizer.train(stories(n_stories, seed=seed), vocab_size)
+            warnings.warn(f"tokenizer cache {path} is corrupt ({exc}); rebuilding", stacklevel=3)
+    tok = build()
     tok.save(path)
     return tok
+
+
+def stories_tokenizer(vocab_size: int = 512, *, n_stories: int = 4000, seed: int = 0) -> BPETokenizer:
+    """A BPE trained on :func:`companion.data.stories`, cached under ``data/tokenizers/``."""
+    from companion.data import stories
+
+    return cached_tokenizer(f"stories-v{vocab_size}-n{n_stories}-s{seed}",
+                            lambda: BPETokenizer.train(stories(n_stories, seed=seed), vocab_size))

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from companion import zoo
 from companion.data import Person, bio_qa, bio_text, biographies
-from companion.tokenizer import BPETokenizer
+from companion.tokenizer import BPETokenizer, cached_tokenizer
 
 EOS = "<|endoftext|>"
 PROMPT = "Q: {question}\nA:"
@@ -256,22 +256,13 @@ def training_qas(size: str, *, include_forget: bool = True) -> list[QA]:
 
 def benchmark_tokenizer(size: str) -> BPETokenizer:
     """A byte-level BPE trained on every training QA text of the size (cached under data/tokenizers)."""
-    import json
-    import warnings
-
-    from companion.paths import data_dir
-
     cfg = _check_size(size)
-    path = data_dir() / "tokenizers" / f"bio-{size}-v{cfg.vocab_size}-n{cfg.n_people}-s{cfg.seed}.json"
-    if path.exists():
-        try:
-            return BPETokenizer.load(path)
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-            warnings.warn(f"tokenizer cache {path} is corrupt ({exc}); rebuilding", stacklevel=2)
-    texts = [PROMPT.format(question=qa.question) + " " + qa.answer for qa in training_qas(size)]
-    tok = BPETokenizer.train(texts, cfg.vocab_size, special_tokens=(EOS,))
-    tok.save(path)
-    return tok
+
+    def build() -> BPETokenizer:
+        texts = [PROMPT.format(question=qa.question) + " " + qa.answer for qa in training_qas(size)]
+        return BPETokenizer.train(texts, cfg.vocab_size, special_tokens=(EOS,))
+
+    return cached_tokenizer(f"bio-{size}-v{cfg.vocab_size}-n{cfg.n_people}-s{cfg.seed}", build)
 
 
 def load_benchmark(size: str = "full") -> Benchmark:

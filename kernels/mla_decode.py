@@ -119,6 +119,24 @@ def _dot(a, b):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=False)
+def _online_tile(scores, n, values, m_old, l_old, acc):  # pragma: no cover
+    """Fold one tile into a running softmax state: ``scores[:n]`` with their value rows
+    ``values (n, R)`` into (max ``m_old``, sum ``l_old``, ``acc (R,)`` updated in place).
+    Returns the new (max, sum). Shared by the MLA and the GQA decode kernels."""
+    m_new = max(m_old, scores[:n].max())
+    alpha = 0.0 if m_old == -np.inf else math.exp(m_old - m_new)  # rescale what came before
+    l_run = l_old * alpha
+    for j in range(acc.shape[0]):
+        acc[j] *= alpha
+    for i in range(n):
+        p = math.exp(scores[i] - m_new)
+        l_run += p
+        for j in range(acc.shape[0]):
+            acc[j] += p * values[i, j]
+    return m_new, l_run
+
+
+@njit(cache=True, fastmath=False)
 def _merge_and_project(part_m, part_l, part_acc, b, h, w_uv, out):  # pragma: no cover
     """Merge one (b, h)'s chunk partials: o_lat = Σ_s e^{m_s - m} acc_s / Σ_s e^{m_s - m} l_s; out = W_UV o_lat."""
     n_split, R = part_acc.shape[1], part_acc.shape[3]
@@ -159,20 +177,9 @@ def _mla_cpu(q_lat, q_pe, c, pe, w_uv, scale, n_split, tile):  # pragma: no cove
             for h in range(H):
                 for i in range(n):
                     scores[i] = (_dot(q_lat[b, h], c[b, t0 + i]) + _dot(q_pe[b, h], pe[b, t0 + i])) * scale
-                tile_max = scores[:n].max()
-                m_old = part_m[b, s, h]
-                m_new = max(m_old, tile_max)
-                alpha = 0.0 if m_old == -np.inf else math.exp(m_old - m_new)  # rescale what came before
-                l_run = part_l[b, s, h] * alpha
-                for j in range(R):
-                    part_acc[b, s, h, j] *= alpha
-                for i in range(n):
-                    p = math.exp(scores[i] - m_new)
-                    l_run += p
-                    for j in range(R):
-                        part_acc[b, s, h, j] += p * c[b, t0 + i, j]
-                part_l[b, s, h] = l_run
-                part_m[b, s, h] = m_new
+                m, l_run = _online_tile(scores, n, c[b, t0:t0 + n], part_m[b, s, h], part_l[b, s, h],
+                                        part_acc[b, s, h])
+                part_m[b, s, h], part_l[b, s, h] = m, l_run
     out = np.empty((B, H, w_uv.shape[1]), dtype=q_lat.dtype)
     for bh in prange(B * H):
         _merge_and_project(part_m, part_l, part_acc, bh // H, bh % H, w_uv, out)
@@ -395,20 +402,9 @@ def _gqa_cpu(q, k, v, scale, n_split, tile):  # pragma: no cover
             for h in range(kv * group, (kv + 1) * group):  # the query heads that share this kv head
                 for i in range(n):
                     scores[i] = _dot(q[b, h], k[b, kv, t0 + i]) * scale
-                tile_max = scores[:n].max()
-                m_old = part_m[b, s, h]
-                m_new = max(m_old, tile_max)
-                alpha = 0.0 if m_old == -np.inf else math.exp(m_old - m_new)
-                l_run = part_l[b, s, h] * alpha
-                for j in range(Dv):
-                    part_acc[b, s, h, j] *= alpha
-                for i in range(n):
-                    p = math.exp(scores[i] - m_new)
-                    l_run += p
-                    for j in range(Dv):
-                        part_acc[b, s, h, j] += p * v[b, kv, t0 + i, j]
-                part_l[b, s, h] = l_run
-                part_m[b, s, h] = m_new
+                m, l_run = _online_tile(scores, n, v[b, kv, t0:t0 + n], part_m[b, s, h], part_l[b, s, h],
+                                        part_acc[b, s, h])
+                part_m[b, s, h], part_l[b, s, h] = m, l_run
     out = np.empty((B, H, Dv), dtype=q.dtype)
     for bh in prange(B * H):
         b, h = bh // H, bh % H
